@@ -1,0 +1,126 @@
+"""Layerwise sparsity allocation: from per-layer scores to per-layer sparsity ratios.
+
+All allocators return *sparsities* (fraction of weights removed) per decoder layer. They share one rescaling:
+a per-layer importance is min-max scaled to [0, 2·spread] and centred on the target, so the spread between the
+most and least pruned layer is at most 2·spread. :func:`balance` then makes the parameter-weighted mean equal
+to the target and clips to [0, max_sparsity], warning when it had to clip.
+
+* ``dlp`` (Chen et al., ICML 2025): S_l = median (paper) or mean (released code) of the layer's Wanda scores
+  |W|·‖X‖; u_l = 1 − S_l/ΣS; keep_l = scale(u)_l − mean(scale(u)) + (1 − target). A layer with a *larger*
+  score is pruned *more*.
+* ``owl`` (Yin et al., 2024): D_l = share of Wanda scores above M·mean; more outliers ⇒ less pruning.
+* ``lr`` (Dynamic Slicing, 2024): redundancy R_l = mean over tokens of cos(h_in, h_out); more redundant ⇒
+  pruned more.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import DlpError, require
+
+ALLOCATIONS = ("uniform", "owl", "dlp", "lr", "explicit")
+DLP_STATISTICS = ("median", "mean")
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """What the dense calibration sweep measures of one decoder layer (enough for every allocator)."""
+
+    wanda_median: float
+    wanda_mean: float
+    outlier_ratio: float  # share of Wanda scores above owl_m × their mean
+    redundancy: float  # mean over tokens of cos(h_in, h_out)
+    params: int  # prunable weights in the layer
+
+
+def minmax_spread(values: torch.Tensor, spread: float) -> torch.Tensor:
+    """Scale to [0, 2·spread]; all-equal values give zeros (no spread)."""
+    low, high = values.min(), values.max()
+    if float(high - low) == 0.0:
+        return torch.zeros_like(values)
+    return (values - low) / (high - low) * (2.0 * spread)
+
+
+def centred(importance: Sequence[float], target: float, spread: float) -> list[float]:
+    """Sparsities around ``target``: the most important layer gets target − spread·(...), the least target + ..."""
+    scaled = minmax_spread(torch.tensor(importance, dtype=torch.float64), spread)
+    keep = scaled - scaled.mean() + (1.0 - target)
+    return (1.0 - keep).tolist()
+
+
+def dlp_sparsities(layer_scores: Sequence[float], target: float, alpha: float) -> list[float]:
+    """DLP: importance u_l = 1 − S_l/ΣS, so a larger score means less important and more pruning."""
+    scores = torch.tensor(layer_scores, dtype=torch.float64).abs()
+    require(float(scores.sum()) > 0, "dlp: every layer score is zero; calibration data or model is degenerate")
+    return centred((1.0 - scores / scores.sum()).tolist(), target, alpha)
+
+
+def owl_sparsities(outlier_ratios: Sequence[float], target: float, lam: float) -> list[float]:
+    """OWL: a layer with a larger share of outlier scores keeps more weights."""
+    return centred(list(outlier_ratios), target, lam)
+
+
+def lr_sparsities(redundancy: Sequence[float], target: float, spread: float) -> list[float]:
+    """Layer Redundancy: a layer whose output is closer to its input (higher cosine) is pruned more."""
+    return centred([-r for r in redundancy], target, spread)
+
+
+def explicit_sparsities(spec: str | Sequence[float], num_layers: int) -> list[float]:
+    """A list of floats, a comma-separated string, or a JSON file holding a list or ``{"sparsities": [...]}``."""
+    if isinstance(spec, str):
+        path = Path(spec).expanduser()
+        if path.is_file():
+            data = json.loads(path.read_text())
+            values = data.get("sparsities", data.get("layer_sparsity")) if isinstance(data, dict) else data
+        else:
+            try:
+                values = [float(v) for v in spec.split(",") if v.strip()]
+            except ValueError:
+                raise DlpError(f"layer_sparsities must be a JSON file or comma-separated floats (got {spec!r})")
+    else:
+        values = list(spec)
+    require(isinstance(values, list) and len(values) == num_layers,
+            f"layer_sparsities must list {num_layers} values, one per decoder layer (got {values if values is None else len(values)})")
+    return [float(v) for v in values]
+
+
+def balance(sparsities: Sequence[float], params: Sequence[int], target: float, max_sparsity: float = 0.99,
+            rebalance: bool = True) -> list[float]:
+    """Shift all sparsities by one constant so the parameter-weighted mean is ``target``, clipped to
+    [0, max_sparsity] (with a warning when clipping happened).
+
+    Decoder layers normally have equal sizes, so the centred allocators already average to the target and the
+    shift is zero; with unequal sizes the shift corrects the weighted mean. With ``rebalance=False`` (explicit
+    lists) the values are only clipped.
+    """
+    values = torch.tensor(sparsities, dtype=torch.float64)
+    weights = torch.tensor(params, dtype=torch.float64)
+    weights = weights / weights.sum()
+
+    def weighted_mean(shift: float) -> float:
+        return float((weights * (values + shift).clamp(0.0, max_sparsity)).sum())
+
+    shift = 0.0
+    if rebalance:
+        require(0.0 <= target <= max_sparsity, f"sparsity must be in [0, {max_sparsity}] (got {target})")
+        low, high = -1.0 - float(values.max()), 1.0 - float(values.min())
+        for _ in range(200):  # bisection: weighted_mean is monotone in the shift
+            mid = (low + high) / 2
+            low, high = (mid, high) if weighted_mean(mid) < target else (low, mid)
+        shift = (low + high) / 2
+        if abs(weighted_mean(0.0) - target) < 1e-12:
+            shift = 0.0
+    shifted = values + shift
+    clipped = shifted.clamp(0.0, max_sparsity)
+    if bool((clipped != shifted).any()):
+        layers = [i for i in range(len(values)) if float(clipped[i]) != float(shifted[i])]
+        warnings.warn(f"layer sparsities clipped to [0, {max_sparsity}] for layers {layers}; "
+                      f"the others were shifted so the mean stays {target:.4f}", stacklevel=2)
+    return clipped.tolist()

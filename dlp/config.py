@@ -1,0 +1,126 @@
+"""Recipe configuration: flat YAML whose keys are fields of these dataclasses; CLI flags win over the YAML.
+
+Parsing uses trl's ``TrlParser`` (``--config recipe.yaml`` plus ``--field value`` overrides), and the model
+fields come from trl's ``ModelConfig`` (``model_name_or_path``, ``dtype``, ``attn_implementation``, LoRA and
+4-bit fields), so a pruning recipe and a fine-tuning recipe share their keys. Every value is checked in
+``__post_init__``: a bad one raises :class:`~dlp.errors.DlpError` naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .allocate import ALLOCATIONS, DLP_STATISTICS
+from .errors import DlpError, require
+from .layerwise import CRITERIA, MODES
+from .prune import parse_pattern
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    require(value in allowed, f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+@dataclass
+class PruneArguments:
+    """What to prune, how, and with which calibration data."""
+
+    # --- calibration data
+    calibration_data: str = field(default="builtin:wikitext2-valid", metadata={
+        "help": "Calibration text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id (id or id:config)."})
+    calibration_split: str = field(default="train", metadata={"help": "Split of a HF dataset to calibrate on."})
+    nsamples: int = field(default=32, metadata={"help": "Number of calibration windows (the papers use 128)."})
+    seqlen: int = field(default=512, metadata={"help": "Tokens per calibration window (the papers use 2048)."})
+    calibration_batch_size: int = field(default=1, metadata={"help": "Windows per layer call in sequential mode."})
+    # --- sparsity and its layerwise allocation
+    sparsity: float = field(default=0.7, metadata={"help": "Target sparsity of the decoder Linears, in [0, 1)."})
+    allocation: str = field(default="dlp", metadata={"help": f"Layerwise allocation: {', '.join(ALLOCATIONS)}."})
+    dlp_alpha: float = field(default=0.15, metadata={"help": "DLP: layer sparsities span target ± alpha."})
+    dlp_statistic: str = field(default="median", metadata={
+        "help": "DLP layer score: median of Wanda scores (paper) or mean (released code)."})
+    owl_m: float = field(default=5.0, metadata={"help": "OWL: a score above M × mean is an outlier."})
+    owl_lambda: float = field(default=0.08, metadata={"help": "OWL: layer sparsities span target ± lambda."})
+    lr_spread: float = field(default=0.1, metadata={"help": "LR: layer sparsities span target ± spread."})
+    layer_sparsities: str | None = field(default=None, metadata={
+        "help": "allocation=explicit: comma-separated sparsities, one per layer, or a JSON file with a list."})
+    max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper clip for any layer's sparsity."})
+    # --- criterion and pattern
+    criterion: str = field(default="wanda", metadata={"help": f"Pruning criterion: {', '.join(CRITERIA)}."})
+    pattern: str = field(default="unstructured", metadata={
+        "help": "unstructured (per output row) or N:M, e.g. 2:4 (keep N of every M inputs; fixes sparsity at 1-N/M)."})
+    sparsegpt_blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per block."})
+    sparsegpt_percdamp: float = field(default=0.01, metadata={"help": "SparseGPT: dampening, fraction of mean diag(H)."})
+    prune_mode: str = field(default="sequential", metadata={
+        "help": "sequential (two forwards per layer, the papers' protocol) or fast (one forward per layer, "
+                "each Linear pruned as soon as its whole-batch input is known)."})
+    device: str = field(default="auto", metadata={"help": "Compute device for the sweep and evaluation: auto, cpu, cuda, cuda:N."})
+
+    def __post_init__(self) -> None:
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("dlp_statistic", self.dlp_statistic, DLP_STATISTICS)
+        _choice("criterion", self.criterion, CRITERIA)
+        _choice("prune_mode", self.prune_mode, MODES)
+        require(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1) (got {self.sparsity})")
+        require(0.0 < self.max_layer_sparsity < 1.0, f"max_layer_sparsity must be in (0, 1) (got {self.max_layer_sparsity})")
+        require(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
+        require(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
+        require(self.calibration_batch_size >= 1, f"calibration_batch_size must be >= 1 (got {self.calibration_batch_size})")
+        for name in ("dlp_alpha", "owl_lambda", "lr_spread"):
+            require(0.0 <= getattr(self, name) < 0.5, f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
+        require(self.owl_m > 0, f"owl_m must be > 0 (got {self.owl_m})")
+        require(self.allocation != "explicit" or self.layer_sparsities,
+                "allocation=explicit needs layer_sparsities (comma-separated floats or a JSON file)")
+        pattern = parse_pattern(self.pattern)
+        if pattern.is_nm:
+            # N:M exists for sparse tensor cores, which run one fixed N:M; a per-layer N would need per-layer kernels.
+            require(self.allocation == "uniform", f"pattern {self.pattern} fixes every layer at {pattern.sparsity:.0%} "
+                    f"sparsity, so allocation must be uniform (got {self.allocation!r})")
+            require(abs(self.sparsity - pattern.sparsity) < 1e-9, f"pattern {self.pattern} removes exactly "
+                    f"{pattern.sparsity:g} of the weights: set sparsity: {pattern.sparsity:g} (got {self.sparsity})")
+
+
+@dataclass
+class EvalArguments:
+    """Perplexity (standard protocol) and optional lm-eval zero-shot tasks."""
+
+    eval_data: str = field(default="builtin:wikitext2-test", metadata={
+        "help": "Perplexity text: builtin:wikitext2-test, a local file, or a HF dataset id. Never the calibration split."})
+    eval_seqlen: int = field(default=512, metadata={"help": "Tokens per perplexity window (papers: 2048)."})
+    eval_max_windows: int = field(default=64, metadata={"help": "Evaluate the first N windows; 0 = the whole split."})
+    eval_batch_size: int = field(default=1, metadata={"help": "Windows per forward during evaluation."})
+    eval_dense: bool = field(default=True, metadata={"help": "Also measure the dense model's perplexity, for the report."})
+    eval_tasks: str | None = field(default=None, metadata={
+        "help": "Comma-separated lm-eval zero-shot tasks (needs `pip install dlp[eval]` and the tasks' datasets)."})
+
+    def __post_init__(self) -> None:
+        require(self.eval_seqlen >= 2, f"eval_seqlen must be >= 2 (got {self.eval_seqlen})")
+        require(self.eval_max_windows >= 0, f"eval_max_windows must be >= 0 (got {self.eval_max_windows})")
+        require(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+
+    @property
+    def max_windows(self) -> int | None:
+        return self.eval_max_windows or None
+
+
+@dataclass
+class RunArguments:
+    """Where results go (``train/prune.py``; the fine-tuning script takes these from its training arguments)."""
+
+    output_dir: str = field(default="outputs/prune", metadata={"help": "Directory for masks, model and report."})
+    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling (same seed, same masks)."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over even if output_dir holds a finished run."})
+    save_model: bool = field(default=True, metadata={"help": "Save the pruned model (safetensors) besides the masks."})
+
+
+def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the given dataclasses (user errors: DlpError)."""
+    from trl import TrlParser
+
+    argv = list(argv) if argv is not None else None
+    parser = TrlParser(list(dataclass_types))
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except DlpError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        raise DlpError(f"config: {str(exc).splitlines()[0]}")

@@ -1,0 +1,135 @@
+"""Text sources, calibration windows and evaluation token streams.
+
+A *source* is one of:
+
+* ``builtin:wikitext2-valid`` / ``builtin:wikitext2-test``: real text shipped with dlp (see
+  ``dlp/builtin_data/README.md``), so everything runs offline;
+* a local ``.txt``/``.tokens``/``.raw`` file (one document per line) or ``.jsonl`` file (a ``text`` field);
+* a Hugging Face dataset id, optionally ``id:config``, read when the hub is reachable.
+
+Documents are joined with ``"\\n\\n"`` and tokenized once, as the standard WikiText-2 perplexity protocol does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DlpError, require
+
+_BUILTIN_DIR = Path(__file__).parent / "builtin_data"
+BUILTIN_SOURCES = {
+    "builtin:wikitext2-valid": _BUILTIN_DIR / "wikitext2.valid.tokens.gz",
+    "builtin:wikitext2-test": _BUILTIN_DIR / "wikitext2.test.raw.gz",
+}
+_TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
+
+
+def _lines_like_hf_text_loader(handle) -> list[str]:
+    """Read lines as the HF ``text``/``wikitext`` builders do: blank lines become ``""``, others keep ``\\n``."""
+    return [line if line.strip() else "" for line in handle]
+
+
+def read_documents(source: str, split: str = "train", text_field: str = "text", max_documents: int | None = None) -> list[str]:
+    """Return the documents of ``source`` as a list of strings."""
+    if source in BUILTIN_SOURCES:
+        with gzip.open(BUILTIN_SOURCES[source], "rt", encoding="utf-8") as handle:
+            return _lines_like_hf_text_loader(handle)
+    require(not source.startswith("builtin:"), f"data source {source!r} unknown; built-in sources: {sorted(BUILTIN_SOURCES)}")
+    path = Path(source).expanduser()
+    if path.exists():
+        return _read_local(path, text_field)
+    return _read_hub(source, split, text_field, max_documents)
+
+
+def _read_local(path: Path, text_field: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                require(text_field in record, f"data: {path}:{number} has no field {text_field!r}")
+                docs.append(str(record[text_field]))
+        return docs
+    require(path.suffix in _TEXT_SUFFIXES, f"data: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}")
+    with path.open(encoding="utf-8") as handle:
+        return _lines_like_hf_text_loader(handle)
+
+
+def _read_hub(source: str, split: str, text_field: str, max_documents: int | None) -> list[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise DlpError("data: reading a hub dataset needs the package datasets")
+    name, _, config = source.partition(":")
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        docs = []
+        for record in stream:
+            docs.append(str(record[text_field]))
+            if max_documents is not None and len(docs) >= max_documents:
+                break
+        return docs
+    except Exception as exc:  # offline, unknown id, wrong split: all user-fixable
+        raise DlpError(f"data: {source!r} is not a local file, a builtin source or a reachable hub dataset ({type(exc).__name__})")
+
+
+def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
+    """Join documents with blank lines and tokenize once, returning a 1-D LongTensor of ids."""
+    text = "\n\n".join(documents)
+    require(text.strip() != "", "data: the source holds no text")
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """``nsamples`` windows of ``seqlen`` tokens and a hash that identifies them (for mask metadata and caches)."""
+
+    input_ids: torch.Tensor  # [nsamples, seqlen]
+    source: str
+    seed: int
+
+    @property
+    def sha256(self) -> str:
+        return token_hash(self.input_ids)
+
+
+def token_hash(ids: torch.Tensor) -> str:
+    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
+    digest.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Draw ``nsamples`` random windows of ``seqlen`` tokens from a token stream (seeded, reproducible)."""
+    require(nsamples >= 1 and seqlen >= 2, "calibration: nsamples must be >= 1 and seqlen >= 2")
+    require(stream.numel() > seqlen, f"calibration: the text has {stream.numel()} tokens, fewer than seqlen={seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([stream[s : s + seqlen] for s in starts])
+
+
+def load_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, split: str = "train") -> CalibrationSet:
+    """Calibration windows from ``source``. For hub datasets only enough documents for the windows are read."""
+    budget = max(64, nsamples * 8)  # documents, for streamed hub datasets
+    docs = read_documents(source, split=split, max_documents=budget)
+    ids = sample_windows(tokenize_documents(tokenizer, docs), nsamples, seqlen, seed)
+    return CalibrationSet(input_ids=ids, source=source, seed=seed)
+
+
+def evaluation_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of the stream (the standard protocol)."""
+    count = stream.numel() // seqlen
+    require(count >= 1, f"evaluation: the text has {stream.numel()} tokens, fewer than seqlen={seqlen}")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return stream[: count * seqlen].view(count, seqlen)

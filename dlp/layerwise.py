@@ -1,0 +1,140 @@
+"""Calibration-driven pruning built on the sweep engine: the scorers (visitors) and the pruning entry points.
+
+* :func:`score_layers` — one dense sweep, one forward per layer, measuring every allocator's layer score.
+* :func:`prune_model` — ``mode="sequential"`` (default): per layer, a forward that accumulates input
+  statistics, pruning, and a second forward whose outputs (of the pruned layer) feed the next layer.
+  ``mode="fast"``: one forward per layer over the whole calibration batch; a pre-hook prunes each Linear as
+  soon as its input for the whole batch is known, so later Linears of the block already see pruned inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .allocate import LayerScores
+from .masks import MaskSet
+from .modeling import find_decoder_layers, find_linears
+from .prune import Pattern, keep_mask, magnitude_scores, sparsegpt_prune, wanda_scores
+from .stats import InputStats, _SharedReducer, collect_input_stats
+from .sweep import LayerContext, sweep
+
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+MODES = ("sequential", "fast")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """How to prune each Linear once its layer's sparsity is known."""
+
+    criterion: str = "wanda"
+    pattern: Pattern = Pattern()
+    sparsegpt_blocksize: int = 128
+    sparsegpt_percdamp: float = 0.01
+
+    @property
+    def needs_xtx(self) -> bool:
+        return self.criterion == "sparsegpt"
+
+
+@torch.no_grad()
+def prune_linear(linear: nn.Linear, stats: InputStats | None, sparsity: float, spec: PruneSpec) -> torch.Tensor:
+    """Prune one Linear in place; return its keep-mask (on CPU)."""
+    weight = linear.weight
+    if spec.criterion == "sparsegpt":
+        new_weight, keep = sparsegpt_prune(weight, stats.hessian, sparsity, spec.pattern,
+                                           spec.sparsegpt_blocksize, spec.sparsegpt_percdamp)
+        weight.copy_(new_weight)
+    else:
+        scores = magnitude_scores(weight) if spec.criterion == "magnitude" else wanda_scores(weight, stats.sq_mean)
+        keep = keep_mask(scores, sparsity, spec.pattern)
+        weight.mul_(keep.to(weight.dtype))
+    return keep.cpu()
+
+
+def layer_param_counts(model: nn.Module) -> list[int]:
+    _, layers = find_decoder_layers(model)
+    return [sum(lin.weight.numel() for lin in find_linears(layer).values()) for layer in layers]
+
+
+def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], outputs: torch.Tensor, owl_m: float) -> LayerScores:
+    scores = torch.cat([wanda_scores(lin.weight, stats[name].sq_mean).flatten() for name, lin in ctx.linears.items()])
+    cosine = torch.cat([F.cosine_similarity(ctx.inputs[i].float(), outputs[i].float(), dim=-1)
+                        for i in range(ctx.inputs.shape[0])])
+    return LayerScores(
+        wanda_median=float(scores.median()),
+        wanda_mean=float(scores.mean()),
+        outlier_ratio=float((scores > owl_m * scores.mean()).float().mean()),
+        redundancy=float(cosine.mean()),
+        params=scores.numel(),
+    )
+
+
+def score_layers(model: nn.Module, input_ids: torch.Tensor, *, owl_m: float = 5.0, device="cpu",
+                 batch_size: int = 1) -> list[LayerScores]:
+    """Dense sweep (nothing is pruned): the layer scores every allocator needs."""
+    results: list[LayerScores] = []
+
+    def visit(ctx: LayerContext) -> torch.Tensor:
+        with collect_input_stats(ctx.linears) as stats:
+            outputs = ctx.forward()
+        results.append(_layer_score(ctx, stats, outputs, owl_m))
+        return outputs
+
+    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc="scoring layers")
+    return results
+
+
+def _sequential_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix: str) -> Callable:
+    def visit(ctx: LayerContext) -> torch.Tensor:
+        with collect_input_stats(ctx.linears, want_xtx=spec.needs_xtx) as stats:
+            ctx.forward(keep_outputs=False)
+        for name, linear in ctx.linears.items():
+            masks[f"{prefix}.{ctx.index}.{name}"] = prune_linear(linear, stats[name], sparsities[ctx.index], spec)
+        return ctx.forward()
+
+    return visit
+
+
+def _fast_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix: str) -> Callable:
+    def visit(ctx: LayerContext) -> torch.Tensor:
+        reducer = _SharedReducer()
+
+        def prune_on_input(name: str, linear: nn.Linear):
+            def hook(_module: nn.Module, args: tuple) -> None:
+                stats = InputStats(linear.in_features, spec.needs_xtx)
+                stats.add(reducer.reduce(args[0], spec.needs_xtx))
+                masks[f"{prefix}.{ctx.index}.{name}"] = prune_linear(linear, stats, sparsities[ctx.index], spec)
+                handles.pop(name).remove()  # prune once, on the whole batch
+            return hook
+
+        handles = {name: lin.register_forward_pre_hook(prune_on_input(name, lin)) for name, lin in ctx.linears.items()}
+        try:
+            return ctx.forward()
+        finally:
+            for handle in handles.values():
+                handle.remove()
+
+    return visit
+
+
+def prune_model(model: nn.Module, input_ids: torch.Tensor | None, sparsities: list[float], spec: PruneSpec, *,
+                mode: str = "sequential", device="cpu", batch_size: int = 1) -> MaskSet:
+    """Prune every decoder-layer Linear in place with per-layer ``sparsities``; return the masks."""
+    prefix, layers = find_decoder_layers(model)
+    masks: dict[str, torch.Tensor] = {}
+    if spec.criterion == "magnitude":  # needs no calibration data
+        for index, layer in enumerate(layers):
+            for name, linear in find_linears(layer).items():
+                masks[f"{prefix}.{index}.{name}"] = prune_linear(linear, None, sparsities[index], spec)
+        return MaskSet(masks)
+    if mode == "fast":
+        visit, batch_size = _fast_visitor(sparsities, spec, masks, prefix), input_ids.shape[0]
+    else:
+        visit = _sequential_visitor(sparsities, spec, masks, prefix)
+    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc=f"pruning ({spec.criterion}, {mode})")
+    return MaskSet(masks)

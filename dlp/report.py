@@ -1,0 +1,87 @@
+"""The run report: ``report.json`` (everything measured), ``summary.md`` (for people) and PNG plots."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_json, atomic_write_text
+
+
+def layer_sparsity_from_modules(modules: dict[str, float], module_sizes: dict[str, int], num_layers: int, prefix: str) -> list[float]:
+    """Measured sparsity of each decoder layer (weighted by module size) from the per-module report."""
+    removed = [0.0] * num_layers
+    total = [0] * num_layers
+    for name, sparsity in modules.items():
+        index = int(name[len(prefix) + 1 :].split(".")[0])
+        removed[index] += sparsity * module_sizes[name]
+        total[index] += module_sizes[name]
+    return [r / t if t else 0.0 for r, t in zip(removed, total)]
+
+
+def plot_layer_sparsity(path: Path, measured: list[float], target: float, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(measured) + 2), 3.6))
+    ax.bar(range(len(measured)), [100 * s for s in measured], color="#4C72B0", label="measured")
+    ax.axhline(100 * target, color="#C44E52", linestyle="--", linewidth=1.2, label=f"target {100 * target:.1f}%")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(max(0.0, 100 * min(measured) - 10), min(100.0, 100 * max(measured) + 5))
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".png.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def _fmt_ppl(entry: dict | None) -> str:
+    return "—" if not entry else f"{entry['value']:.2f}"
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    ppl = report.get("perplexity", {})
+    any_ppl = next((p for p in ppl.values() if p), None)
+    lines = [
+        f"# Pruned {report['model']}",
+        "",
+        f"- criterion **{cfg['criterion']}**, pattern **{cfg['pattern']}**, allocation **{cfg['allocation']}**"
+        + (f" (statistic {cfg['dlp_statistic']}, alpha {cfg['dlp_alpha']})" if cfg["allocation"] == "dlp" else ""),
+        f"- target sparsity {100 * cfg['sparsity']:.1f}%, measured over the pruned Linears "
+        f"**{100 * report['sparsity']['overall']:.2f}%** ({report['sparsity']['weights']:,} weights)",
+        f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}, "
+        f"sha256 `{report['calibration_sha256'][:16]}…`",
+        f"- masks: `masks.safetensors`, digest `{report['masks_digest'][:16]}…`",
+        f"- prune mode {cfg['prune_mode']}; pruning took {report['timings']['prune_s']:.1f} s",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+        f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
+        f"| pruned | {_fmt_ppl(ppl.get('pruned'))} |",
+        "",
+    ]
+    if any_ppl:
+        lines += [f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.", ""]
+    lines += ["| layer | allocated | measured |", "|---|---|---|"]
+    for index, (alloc, meas) in enumerate(zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])):
+        lines.append(f"| {index} | {100 * alloc:.2f}% | {100 * meas:.2f}% |")
+    lines += ["", "![per-layer sparsity](sparsity.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(output_dir: Path, report: dict[str, Any]) -> None:
+    plot_layer_sparsity(output_dir / "sparsity.png", report["layer_sparsity"]["measured"], report["config"]["sparsity"],
+                        f"{report['config']['allocation']} + {report['config']['criterion']}: per-layer sparsity")
+    atomic_write_text(output_dir / "summary.md", summary_markdown(report))
+    atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished

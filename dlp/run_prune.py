@@ -1,0 +1,138 @@
+"""The prune stage: calibration → layer scores → layerwise sparsities → masks → pruned model → report.
+
+Each step writes its artifact atomically into ``output_dir`` and a rerun picks up after the last finished one:
+``layer_scores.json`` (dense sweep, keyed by model, data hash and settings), ``masks.safetensors`` and
+``model/`` (pruned weights), then ``report.json`` (whose presence marks the stage finished).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .allocate import (LayerScores, balance, dlp_sparsities, explicit_sparsities, lr_sparsities,
+                       owl_sparsities)
+from .config import EvalArguments, PruneArguments, RunArguments
+from .data import load_calibration
+from .evaluate import perplexity, zero_shot
+from .io import atomic_dir, atomic_write_json, read_json
+from .layerwise import PruneSpec, layer_param_counts, prune_model, score_layers
+from .masks import MaskSet
+from .modeling import find_decoder_layers, load_model_and_tokenizer, prunable_linears
+from .prune import parse_pattern
+from .report import layer_sparsity_from_modules, write_report
+from .runtime import resolve_device, setup
+
+NEEDS_SCORES = ("dlp", "owl", "lr")
+
+
+def compute_sparsities(args: PruneArguments, scores: list[LayerScores] | None, params: list[int]) -> list[float]:
+    """Per-layer sparsities for ``args.allocation``, balanced to the target and clipped (see allocate.py)."""
+    num_layers = len(params)
+    if args.allocation == "uniform":
+        raw = [args.sparsity] * num_layers
+    elif args.allocation == "explicit":
+        raw = explicit_sparsities(args.layer_sparsities, num_layers)
+        return balance(raw, params, args.sparsity, args.max_layer_sparsity, rebalance=False)
+    elif args.allocation == "dlp":
+        stat = [s.wanda_median if args.dlp_statistic == "median" else s.wanda_mean for s in scores]
+        raw = dlp_sparsities(stat, args.sparsity, args.dlp_alpha)
+    elif args.allocation == "owl":
+        raw = owl_sparsities([s.outlier_ratio for s in scores], args.sparsity, args.owl_lambda)
+    else:
+        raw = lr_sparsities([s.redundancy for s in scores], args.sparsity, args.lr_spread)
+    return balance(raw, params, args.sparsity, args.max_layer_sparsity)
+
+
+def _key(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_layer_scores(path: Path, key: str, compute) -> list[LayerScores]:
+    cached = read_json(path)
+    if cached and cached.get("key") == key:
+        return [LayerScores(**s) for s in cached["layers"]]
+    scores = compute()
+    atomic_write_json(path, {"key": key, "layers": [asdict(s) for s in scores]})
+    return scores
+
+
+def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, run_args: RunArguments) -> dict[str, Any]:
+    """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+    out = Path(run_args.output_dir)
+    if run_args.overwrite and out.exists():
+        shutil.rmtree(out)
+    finished = read_json(out / "report.json")
+    if finished is not None:
+        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+        return finished
+    setup(run_args.seed)
+    device = resolve_device(prune_args.device)
+    model_id = model_args.model_name_or_path
+    model, tokenizer = load_model_and_tokenizer(model_id, model_args.dtype or "float32", model_args.attn_implementation or "sdpa")
+    calib = load_calibration(tokenizer, prune_args.calibration_data, prune_args.nsamples, prune_args.seqlen,
+                             run_args.seed, prune_args.calibration_split)
+    ppl_kwargs = dict(seqlen=eval_args.eval_seqlen, max_windows=eval_args.max_windows,
+                      batch_size=eval_args.eval_batch_size, device=device)
+    report: dict[str, Any] = {"model": model_id, "config": {**asdict(prune_args), **asdict(run_args)},
+                              "perplexity": {}, "timings": {}}
+    if eval_args.eval_dense:
+        report["perplexity"]["dense"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
+        print(f"[dlp] dense perplexity {report['perplexity']['dense']['value']:.2f}")
+
+    params = layer_param_counts(model)
+    scores = None
+    if prune_args.allocation in NEEDS_SCORES:
+        start = time.perf_counter()
+        key = _key({"model": model_id, "dtype": model_args.dtype, "data": calib.sha256, "owl_m": prune_args.owl_m})
+        scores = cached_layer_scores(out / "layer_scores.json", key, lambda: score_layers(
+            model, calib.input_ids, owl_m=prune_args.owl_m, device=device, batch_size=prune_args.calibration_batch_size))
+        report["timings"]["score_s"] = time.perf_counter() - start
+    sparsities = compute_sparsities(prune_args, scores, params)
+    print("[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities))
+
+    spec = PruneSpec(prune_args.criterion, parse_pattern(prune_args.pattern), prune_args.sparsegpt_blocksize,
+                     prune_args.sparsegpt_percdamp)
+    start = time.perf_counter()
+    masks = prune_model(model, calib.input_ids, sparsities, spec, mode=prune_args.prune_mode, device=device,
+                        batch_size=prune_args.calibration_batch_size)
+    report["timings"]["prune_s"] = time.perf_counter() - start
+    masks.metadata = {"model": model_id, "recipe": report["config"], "layer_sparsities": sparsities,
+                      "seed": run_args.seed, "calibration_sha256": calib.sha256, "dlp_version": "0.1.0"}
+    masks.save(out / "masks.safetensors")
+    assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
+
+    if run_args.save_model:
+        with atomic_dir(out / "model") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    _fill_sparsity(report, model, masks, sparsities, scores, calib.sha256)
+    report["perplexity"]["pruned"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
+    print(f"[dlp] pruned perplexity {report['perplexity']['pruned']['value']:.2f}")
+    if eval_args.eval_tasks:
+        tasks = [t.strip() for t in eval_args.eval_tasks.split(",") if t.strip()]
+        report["zero_shot"] = zero_shot(model, tokenizer, tasks)
+    write_report(out, report)
+    return report
+
+
+def _fill_sparsity(report: dict, model, masks: MaskSet, sparsities: list[float], scores, calib_sha: str) -> None:
+    prefix, layers = find_decoder_layers(model)
+    sizes = {name: lin.weight.numel() for name, lin in prunable_linears(model).items()}
+    sparsity = masks.sparsity_report()
+    report["sparsity"] = sparsity
+    report["layer_sparsity"] = {
+        "allocated": sparsities,
+        "measured": layer_sparsity_from_modules(sparsity["modules"], sizes, len(layers), prefix),
+    }
+    report["layer_scores"] = [asdict(s) for s in scores] if scores else None
+    report["masks_digest"] = masks.digest()
+    report["calibration_sha256"] = calib_sha

@@ -1,0 +1,179 @@
+"""The one layer-by-layer calibration engine.
+
+Every calibration-driven computation in dlp (layer scores for the allocators, Wanda/SparseGPT pruning, the
+fast one-pass mode) is a *visitor* run by :func:`sweep`. The engine
+
+1. captures the hidden states (and the keyword arguments: attention mask, rotary embeddings, ...) that enter
+   every decoder layer, by running the model once with each layer replaced by a recording stub, so nothing
+   but embeddings is computed and per-layer arguments (sliding-window masks) are exact;
+2. moves one decoder layer at a time to the compute device, hands it to the visitor together with the
+   hidden states entering it, and feeds whatever the visitor returns to the next layer. A visitor that
+   prunes and then re-runs the layer makes the sweep *sequential*: layer l+1 is calibrated on the outputs
+   of the already-pruned layer l.
+
+Calibration always runs with ``use_cache=False`` and no ``past_key_values``: a cache captured with the first
+layer's inputs and handed to every layer call would make each call attend to earlier samples.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .modeling import find_decoder_layers, find_linears
+
+
+class _StopForward(Exception):
+    """Raised by the last recording stub: nothing after the decoder stack is needed."""
+
+
+class _TupleOutputs(Exception):
+    """Raised when the model indexes a layer's output as a tuple; the capture is redone returning tuples."""
+
+
+class _RecordingStub(nn.Module):
+    """Stands in for decoder layer ``index`` during capture: records its call, returns the input unchanged.
+
+    Non-module attributes (``attention_type`` and the like, read by some models' forward) are looked up on the
+    real layer, which is held outside the module tree so it is never moved to the compute device.
+    """
+
+    def __init__(self, index: int, real: nn.Module, recorder: "_Recorder"):
+        super().__init__()
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "_recorder", recorder)
+        self.index = index
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return self._recorder.record(self.index, hidden, args[1:], kwargs)
+
+
+@dataclass
+class _Recorder:
+    num_layers: int
+    offload: torch.device
+    tuple_outputs: bool = False
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    calls: list[list[tuple[tuple, dict]]] = field(default_factory=list)  # [micro-batch][layer] -> (args, kwargs)
+    _expected_shape: torch.Size | None = None
+
+    def record(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        if index == 0:
+            self.hidden.append(hidden.detach().to(self.offload))
+            self.calls.append([])
+        elif hidden.shape != self._expected_shape:
+            raise _TupleOutputs()
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        self.calls[-1].append((args, kwargs))
+        if index == self.num_layers - 1:
+            raise _StopForward()
+        self._expected_shape = hidden.shape
+        return (hidden,) if self.tuple_outputs else hidden
+
+
+@dataclass
+class CapturedInputs:
+    """What enters the decoder stack for every calibration micro-batch."""
+
+    hidden: torch.Tensor  # [nsamples, seqlen, hidden] on the offload device
+    calls: list[list[tuple[tuple, dict]]]  # [micro-batch][layer] -> (extra positional args, kwargs)
+    batch_size: int
+    tuple_outputs: bool
+
+
+@contextmanager
+def _layers_replaced(layers: nn.ModuleList, recorder: _Recorder) -> Iterator[None]:
+    real = list(layers)
+    try:
+        for index, layer in enumerate(real):
+            layers[index] = _RecordingStub(index, layer, recorder)
+        yield
+    finally:
+        for index, layer in enumerate(real):
+            layers[index] = layer
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> CapturedInputs:
+    """Run the model with recording stubs to collect every layer's inputs; only non-layer modules compute."""
+    _, layers = find_decoder_layers(model)
+    offload = input_ids.device if input_ids.device.type != "meta" else torch.device("cpu")
+    for tuple_outputs in (False, True):
+        recorder = _Recorder(len(layers), torch.device("cpu"), tuple_outputs)
+        with _layers_replaced(layers, recorder):
+            model.to(device)  # the stubs hold no parameters: only embeddings, norms and the head move
+            try:
+                for start in range(0, input_ids.shape[0], batch_size):
+                    try:
+                        model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+                    except _StopForward:
+                        pass
+            except _TupleOutputs:
+                continue
+            finally:
+                model.to(offload)
+        return CapturedInputs(torch.cat(recorder.hidden), recorder.calls, batch_size, tuple_outputs)
+    raise RuntimeError("could not capture decoder-layer inputs: the layers' outputs have an unknown structure")
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer during a sweep, as seen by a visitor."""
+
+    index: int
+    layer: nn.Module
+    linears: dict[str, nn.Linear]
+    inputs: torch.Tensor  # hidden states entering the layer, [nsamples, seqlen, hidden], offload device
+    device: torch.device
+    _captured: CapturedInputs
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = True) -> torch.Tensor | None:
+        """Run the layer over all calibration samples, micro-batch by micro-batch (batch size of the capture)."""
+        outputs = torch.empty_like(self.inputs) if keep_outputs else None
+        size = self._captured.batch_size
+        for batch, start in enumerate(range(0, self.inputs.shape[0], size)):
+            args, kwargs = self._captured.calls[batch][self.index]
+            result = self.layer(self.inputs[start : start + size].to(self.device), *args, **kwargs)
+            if isinstance(result, (tuple, list)):
+                result = result[0]
+            if outputs is not None:
+                outputs[start : start + size] = result.to(outputs.device)
+        return outputs
+
+
+Visitor = Callable[[LayerContext], torch.Tensor]
+
+
+def sweep(model: nn.Module, input_ids: torch.Tensor, visit: Visitor, *, device: torch.device | str = "cpu",
+          batch_size: int = 1, desc: str = "sweep", captured: CapturedInputs | None = None) -> CapturedInputs:
+    """Visit every decoder layer in order; the visitor returns the hidden states for the next layer.
+
+    Only the layer being visited is moved to ``device``; the rest of the model stays where it is. Returns the
+    captured inputs so that a caller can run a second sweep without capturing again.
+    """
+    device = torch.device(device)
+    _, layers = find_decoder_layers(model)
+    if captured is None:
+        captured = capture_inputs(model, input_ids, batch_size, device)
+    hidden = captured.hidden
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        context = LayerContext(index, layer, find_linears(layer), hidden, device, captured)
+        hidden = visit(context)
+        layer.to(home)
+    return captured

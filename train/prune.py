@@ -1,0 +1,33 @@
+"""Prune a causal LM with a layerwise sparsity allocation and save masks, pruned model and report.
+
+    python train/prune.py --config recipes/smollm2-135m/dlp_wanda_70.yaml [--field value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
+
+from trl import ModelConfig  # noqa: E402
+
+from dlp.cli import run_cli  # noqa: E402
+from dlp.config import EvalArguments, PruneArguments, RunArguments, parse_config  # noqa: E402
+from dlp.modeling import DEMO_MODEL  # noqa: E402
+from dlp.run_prune import run_prune  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, prune_args, eval_args, run_args = parse_config([ModelConfig, PruneArguments, EvalArguments, RunArguments], argv)
+    model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
+    report = run_prune(model_args, prune_args, eval_args, run_args)
+    ppl = report["perplexity"]
+    print(f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity dense "
+          f"{ppl['dense']['value'] if ppl.get('dense') else float('nan'):.2f} → pruned {ppl['pruned']['value']:.2f}")
+    print(f"[dlp] results in {run_args.output_dir}: masks.safetensors, model/, report.json, summary.md, sparsity.png")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)
