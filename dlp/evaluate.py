@@ -1,7 +1,7 @@
 """Evaluation: WikiText-2 perplexity with the standard protocol, and lm-eval zero-shot tasks when installed.
 
-Perplexity protocol (as in the SparseGPT/Wanda/DLP papers): the test split's documents are joined with
-``"\\n\\n"`` and tokenized once; the stream is cut into non-overlapping windows of ``seqlen`` tokens from its
+Perplexity protocol (as in the SparseGPT/Wanda/DLP papers): the test split's text (see :mod:`dlp.data` for how
+a file or a hub dataset becomes one text) is tokenized once; the stream is cut into non-overlapping windows of ``seqlen`` tokens from its
 start; perplexity is exp of the mean negative log-likelihood over every predicted token (seqlen − 1 per
 window). Every figure is reported with ``seqlen`` and the number of windows.
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import evaluation_windows, read_documents, tokenize_documents
+from .data import evaluation_windows, read_text, tokenize_text
 from .errors import require
 
 
@@ -39,8 +39,8 @@ class Perplexity:
 
 
 def eval_stream(tokenizer, source: str) -> torch.Tensor:
-    """Token stream of an evaluation source (documents joined with blank lines, tokenized once)."""
-    return tokenize_documents(tokenizer, read_documents(source, split="test"))
+    """Token stream of an evaluation source (its whole text, tokenized once)."""
+    return tokenize_text(tokenizer, read_text(source, split="test"))
 
 
 @torch.no_grad()

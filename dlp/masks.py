@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import DlpError, require
+from .errors import require
+from .io import publish_file
 from .modeling import prunable_linears
 
 FORMAT = "dlp-masks/1"
@@ -52,7 +53,7 @@ class MaskSet:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
+            publish_file(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

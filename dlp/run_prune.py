@@ -91,9 +91,11 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
     scores = None
     if prune_args.allocation in NEEDS_SCORES:
         start = time.perf_counter()
-        key = _key({"model": model_id, "dtype": model_args.dtype, "data": calib.sha256, "owl_m": prune_args.owl_m})
+        batch = calib.input_ids.shape[0] if prune_args.prune_mode == "fast" else prune_args.calibration_batch_size
+        key = _key({"model": model_id, "dtype": model_args.dtype, "data": calib.sha256, "owl_m": prune_args.owl_m,
+                    "batch": batch})
         scores = cached_layer_scores(out / "layer_scores.json", key, lambda: score_layers(
-            model, calib.input_ids, owl_m=prune_args.owl_m, device=device, batch_size=prune_args.calibration_batch_size))
+            model, calib.input_ids, owl_m=prune_args.owl_m, device=device, batch_size=batch))
         report["timings"]["score_s"] = time.perf_counter() - start
     sparsities = compute_sparsities(prune_args, scores, params)
     print("[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities))

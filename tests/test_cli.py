@@ -1,0 +1,120 @@
+"""End to end: ``train/prune.py`` on a tiny model writes every artifact; user mistakes exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO
+from dlp.masks import MaskSet
+
+SCRIPT = str(REPO / "train" / "prune.py")
+RECIPE = str(REPO / "recipes" / "smollm2-135m" / "dlp_wanda_70.yaml")
+
+
+def _text_file(tmp_path, name: str, seed: int) -> str:
+    words = ["the", "model", "layer", "prunes", "weights", "sparse", "dense", "of", "a", "and", "to", "is"]
+    gen = torch.Generator().manual_seed(seed)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen)) for _ in range(60)]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _run(args, cwd=REPO):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def tiny_args(tmp_path, tiny_model_dir):
+    return ["--config", RECIPE, "--model_name_or_path", str(tiny_model_dir),
+            "--calibration_data", _text_file(tmp_path, "calib.txt", 0), "--eval_data", _text_file(tmp_path, "eval.txt", 1),
+            "--nsamples", "4", "--seqlen", "64", "--eval_seqlen", "64", "--eval_max_windows", "3", "--device", "cpu"]
+
+
+def test_prune_cli_end_to_end(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    result = _run([*tiny_args, "--output_dir", str(out), "--sparsity", "0.6", "--dlp_statistic", "mean"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for artifact in ("masks.safetensors", "report.json", "summary.md", "sparsity.png", "layer_scores.json",
+                     "model/config.json", "model/model.safetensors"):
+        assert (out / artifact).is_file(), artifact
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["sparsity"] == 0.6 and report["config"]["dlp_statistic"] == "mean"  # CLI beat YAML
+    assert abs(report["sparsity"]["overall"] - 0.6) < 0.01
+    allocated = report["layer_sparsity"]["allocated"]
+    assert len(set(round(s, 6) for s in allocated)) > 1 and abs(sum(allocated) / len(allocated) - 0.6) < 1e-6
+    assert report["perplexity"]["pruned"]["windows"] == 3 and report["perplexity"]["pruned"]["seqlen"] == 64
+    masks = MaskSet.load(out / "masks.safetensors")
+    assert masks.digest() == report["masks_digest"]
+    assert masks.metadata["seed"] == 0 and masks.metadata["calibration_sha256"] == report["calibration_sha256"]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers, no dlp needed
+    assert masks.violations(model) == 0
+    # a rerun finds the finished report and does nothing
+    again = _run([*tiny_args, "--output_dir", str(out), "--sparsity", "0.6", "--dlp_statistic", "mean"])
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout
+
+
+def test_same_seed_bit_identical_masks_other_seed_differs(tmp_path, tiny_args):
+    digests = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        result = _run([*tiny_args, "--output_dir", str(tmp_path / name), "--seed", seed, "--eval_dense", "false",
+                       "--save_model", "false"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        digests.append(json.loads((tmp_path / name / "report.json").read_text())["masks_digest"])
+    assert digests[0] == digests[1] != digests[2]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--allocation", "best"], "allocation must be one of uniform, owl, dlp, lr, explicit (got 'best')"),
+    (["--pattern", "2:4"], "pattern 2:4 fixes every layer at 50% sparsity, so allocation must be uniform"),
+    (["--pattern", "2:4", "--allocation", "uniform"], "set sparsity: 0.5"),
+    (["--pattern", "4-8"], "pattern must be 'unstructured' or 'N:M'"),
+    (["--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+    (["--criterion", "obs"], "criterion must be one of magnitude, wanda, sparsegpt"),
+    (["--calibration_data", "builtin:nothing"], "data source 'builtin:nothing' unknown"),
+    (["--model_name_or_path", "/nonexistent/dir.gguf"], "model: GGUF file not found"),
+    (["--allocation", "explicit", "--layer_sparsities", "0.5,0.6"], "layer_sparsities must list 3 values"),
+])
+def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_args, override, message):
+    result = _run([*tiny_args, "--output_dir", str(tmp_path / "bad"), *override])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_unknown_recipe_key_is_a_user_error(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("sparsity: 0.5\nsparsty_typo: 3\n")
+    result = _run(["--config", str(recipe), "--output_dir", str(tmp_path / "x")])
+    assert result.returncode == 2 and "sparsty_typo" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_masks_tool_report_verify_and_mismatch(tmp_path, tiny_args, tiny_model_dir):
+    out = tmp_path / "run"
+    assert _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false"]).returncode == 0
+    tool = [sys.executable, str(REPO / "train" / "masks.py")]
+    masks = str(out / "masks.safetensors")
+    report = subprocess.run([*tool, "report", "--masks", masks], capture_output=True, text=True)
+    assert report.returncode == 0 and json.loads(report.stdout)["overall"] == pytest.approx(0.7, abs=0.01)
+    pruned = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(out / "model")], capture_output=True, text=True)
+    assert pruned.returncode == 0 and pruned.stdout.startswith("0 masked weights")
+    dense = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(tiny_model_dir)], capture_output=True, text=True)
+    assert dense.returncode == 1  # the dense model does not obey the masks
+    applied = tmp_path / "applied"
+    assert subprocess.run([*tool, "apply", "--masks", masks, "--model", str(tiny_model_dir), "--output_dir", str(applied)],
+                          capture_output=True, text=True).returncode == 0
+    assert subprocess.run([*tool, "verify", "--masks", masks, "--model", str(applied)]).returncode == 0
+    from conftest import tiny_model
+    other = tmp_path / "other"
+    tiny_model("llama", layers=2).save_pretrained(other)  # masks name 3 layers
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    mismatch = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(other)], capture_output=True, text=True)
+    last_line = mismatch.stderr.strip().splitlines()[-1]
+    assert mismatch.returncode == 2 and last_line.startswith("error: masks: the model has no modules") and "Traceback" not in mismatch.stderr

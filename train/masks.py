@@ -1,0 +1,55 @@
+"""Inspect, verify or apply a dlp mask file.
+
+    python train/masks.py report  --masks out/masks.safetensors
+    python train/masks.py verify  --masks out/masks.safetensors --model out/model
+    python train/masks.py apply   --masks out/masks.safetensors --model some/dense/model --output_dir out/applied
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dlp.cli import run_cli  # noqa: E402
+from dlp.errors import require  # noqa: E402
+from dlp.io import atomic_dir  # noqa: E402
+from dlp.masks import MaskSet  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["report", "verify", "apply"])
+    parser.add_argument("--masks", required=True, help="a masks.safetensors written by dlp")
+    parser.add_argument("--model", help="model id or directory (verify, apply)")
+    parser.add_argument("--output_dir", help="where apply saves the masked model")
+    args = parser.parse_args(argv)
+    masks = MaskSet.load(args.masks)
+    report = masks.sparsity_report()
+    if args.command == "report":
+        meta = {k: masks.metadata.get(k) for k in ("model", "seed", "calibration_sha256", "layer_sparsities")}
+        print(json.dumps({"digest": masks.digest(), "overall": report["overall"], "weights": report["weights"],
+                          **meta, "modules": report["modules"]}, indent=2))
+        return 0
+    require(args.model is not None, f"--model is required for {args.command}")
+    from dlp.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.command == "verify":
+        bad = masks.violations(model)
+        print(f"{bad} masked weights are non-zero; overall mask sparsity {100 * report['overall']:.2f}%")
+        return 0 if bad == 0 else 1
+    require(args.output_dir is not None, "--output_dir is required for apply")
+    masks.apply(model)
+    with atomic_dir(args.output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    print(f"masked model saved to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: sys.exit(main()))
