@@ -83,18 +83,25 @@ def _run_layer(layer, inps, kwargs):
 
 
 @torch.no_grad()
+def _statistics_pass(layer, inps, kwargs) -> tuple[dict[str, nn.Linear], dict[str, InputStats]]:
+    """One forward of the layer over every sample with a statistics hook on each Linear."""
+    linears = find_linears(layer)
+    stats = {name: InputStats(lin.in_features) for name, lin in linears.items()}
+    handles = _per_linear_hooks(linears, stats)
+    _run_layer(layer, inps, kwargs)
+    for handle in handles:
+        handle.remove()
+    return linears, stats
+
+
+@torch.no_grad()
 def baseline(model, ids, device) -> MaskSet:
     model.to(device)  # the whole model resident
     prefix, layers = find_decoder_layers(model)
     scores = []
     inps, kwargs = _research_capture(model, ids, device)
     for index, layer in enumerate(layers):  # dense sweep for the ratios: each layer twice
-        linears = find_linears(layer)
-        stats = {name: InputStats(lin.in_features) for name, lin in linears.items()}
-        handles = _per_linear_hooks(linears, stats)
-        _run_layer(layer, inps, kwargs)
-        for h in handles:
-            h.remove()
+        linears, stats = _statistics_pass(layer, inps, kwargs)
         outs = _run_layer(layer, inps, kwargs)
         ctx = LayerContext(index, layer, linears, inps, device, None)
         scores.append(_layer_score(ctx, stats, outs, 5.0))
@@ -103,12 +110,7 @@ def baseline(model, ids, device) -> MaskSet:
     masks = {}
     inps, kwargs = _research_capture(model, ids, device)
     for index, layer in enumerate(layers):  # pruning sweep: each layer twice
-        linears = find_linears(layer)
-        stats = {name: InputStats(lin.in_features) for name, lin in linears.items()}
-        handles = _per_linear_hooks(linears, stats)
-        _run_layer(layer, inps, kwargs)
-        for h in handles:
-            h.remove()
+        linears, stats = _statistics_pass(layer, inps, kwargs)
         for name, lin in linears.items():
             masks[f"{prefix}.{index}.{name}"] = prune_linear(lin, stats[name], sparsities[index], PruneSpec("wanda"))
         inps = _run_layer(layer, inps, kwargs)
@@ -116,9 +118,9 @@ def baseline(model, ids, device) -> MaskSet:
 
 
 def engine(model, ids, device, mode: str) -> MaskSet:
-    scores = score_layers(model, ids, device=device, batch_size=ids.shape[0] if mode == "fast" else 1)
+    scores = score_layers(model, ids, device=device, batch_size=ids.shape[0] if mode == "fast" else 8)
     sparsities = balance(dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY)
-    return prune_model(model, ids, sparsities, PruneSpec("wanda"), mode=mode, device=device)
+    return prune_model(model, ids, sparsities, PruneSpec("wanda"), mode=mode, device=device, batch_size=8)
 
 
 def run_variant(variant: str, args) -> dict:

@@ -31,7 +31,8 @@ class PruneArguments:
     calibration_split: str = field(default="train", metadata={"help": "Split of a HF dataset to calibrate on."})
     nsamples: int = field(default=32, metadata={"help": "Number of calibration windows (the papers use 128)."})
     seqlen: int = field(default=512, metadata={"help": "Tokens per calibration window (the papers use 2048)."})
-    calibration_batch_size: int = field(default=1, metadata={"help": "Windows per layer call in sequential mode."})
+    calibration_batch_size: int = field(default=8, metadata={
+        "help": "Windows per layer call (a speed/memory knob; fast mode uses all windows at once)."})
     # --- sparsity and its layerwise allocation
     sparsity: float = field(default=0.7, metadata={"help": "Target sparsity of the decoder Linears, in [0, 1)."})
     allocation: str = field(default="dlp", metadata={"help": f"Layerwise allocation: {', '.join(ALLOCATIONS)}."})

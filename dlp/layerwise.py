@@ -75,7 +75,7 @@ def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], outputs: torch
 
 
 def score_layers(model: nn.Module, input_ids: torch.Tensor, *, owl_m: float = 5.0, device="cpu",
-                 batch_size: int = 1) -> list[LayerScores]:
+                 batch_size: int = 8) -> list[LayerScores]:
     """Dense sweep (nothing is pruned): the layer scores every allocator needs."""
     results: list[LayerScores] = []
 
@@ -123,7 +123,7 @@ def _fast_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix:
 
 
 def prune_model(model: nn.Module, input_ids: torch.Tensor | None, sparsities: list[float], spec: PruneSpec, *,
-                mode: str = "sequential", device="cpu", batch_size: int = 1) -> MaskSet:
+                mode: str = "sequential", device="cpu", batch_size: int = 8) -> MaskSet:
     """Prune every decoder-layer Linear in place with per-layer ``sparsities``; return the masks."""
     prefix, layers = find_decoder_layers(model)
     masks: dict[str, torch.Tensor] = {}
