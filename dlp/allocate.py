@@ -77,7 +77,10 @@ def explicit_sparsities(spec: str | Sequence[float], num_layers: int) -> list[fl
     if isinstance(spec, str):
         path = Path(spec).expanduser()
         if path.is_file():
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DlpError(f"layer_sparsities: {path} is not valid JSON ({exc.msg}, line {exc.lineno})")
             values = data.get("sparsities", data.get("layer_sparsity")) if isinstance(data, dict) else data
         else:
             try:
@@ -86,8 +89,9 @@ def explicit_sparsities(spec: str | Sequence[float], num_layers: int) -> list[fl
                 raise DlpError(f"layer_sparsities must be a JSON file or comma-separated floats (got {spec!r})")
     else:
         values = list(spec)
+    got = len(values) if isinstance(values, list) else repr(values)
     require(isinstance(values, list) and len(values) == num_layers,
-            f"layer_sparsities must list {num_layers} values, one per decoder layer (got {values if values is None else len(values)})")
+            f"layer_sparsities must list {num_layers} values, one per decoder layer (got {got})")
     return [float(v) for v in values]
 
 

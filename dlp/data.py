@@ -55,8 +55,11 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            require(text_field in record, f"data: {path}:{number} has no field {text_field!r}")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DlpError(f"data: {path}:{number} is not valid JSON ({exc.msg})")
+            require(isinstance(record, dict) and text_field in record, f"data: {path}:{number} has no field {text_field!r}")
             docs.append(str(record[text_field]))
     return docs
 

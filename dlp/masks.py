@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import require
+from .errors import DlpError, require
 from .io import publish_file
 from .modeling import prunable_linears
 
@@ -63,7 +63,11 @@ class MaskSet:
     def load(cls, path: str | Path) -> "MaskSet":
         path = Path(path)
         require(path.is_file(), f"masks: file not found: {path}")
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle_cm = safe_open(str(path), framework="pt")
+        except Exception as exc:  # not safetensors at all: a text file, a truncated copy
+            raise DlpError(f"masks: {path} is not a dlp mask file ({type(exc).__name__}: {str(exc)[:80]})")
+        with handle_cm as handle:
             meta = handle.metadata() or {}
             require(meta.get("format") == FORMAT, f"masks: {path} is not a dlp mask file (format {meta.get('format')!r})")
             shapes = json.loads(meta["shapes"])

@@ -29,9 +29,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DLP_CACHE", Path.home() / ".cache" / "dlp"))
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    require(name in _DTYPES, f"torch_dtype must be one of {sorted(_DTYPES)} (got {name!r})")
-    return _DTYPES[name]
+def resolve_dtype(name: str) -> torch.dtype | str:
+    """A torch dtype for ``from_pretrained``; ``auto`` keeps the checkpoint's own dtype."""
+    require(name == "auto" or name in _DTYPES, f"dtype must be one of auto, {', '.join(sorted(_DTYPES))} (got {name!r})")
+    return name if name == "auto" else _DTYPES[name]
 
 
 def demo_gguf_path() -> Path:

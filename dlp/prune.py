@@ -79,7 +79,7 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, 2023): choose the mask block by block with the OBS saliency
     w²/[H⁻¹]²_jj and update the remaining weights to compensate the error. Returns (new weight, keep mask).
 
@@ -99,9 +99,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         i2 = min(i1 + blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         err = torch.zeros_like(W1)
-        saliency = W1.pow(2) / torch.diag(Hinv1).pow(2).unsqueeze(0)
-        block_pruned = (~nm_keep_mask(saliency, pattern)) if pattern.is_nm else _lowest(saliency, sparsity)
+        if pattern.is_nm:  # chosen group by group below, from the weights already compensated
+            block_pruned = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            block_pruned = _lowest(W1.pow(2) / torch.diag(Hinv1).pow(2).unsqueeze(0), sparsity)
         for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                saliency = W1[:, group].pow(2) / torch.diag(Hinv1)[group].pow(2).unsqueeze(0)
+                block_pruned[:, group] = ~nm_keep_mask(saliency, pattern)
             w, d = W1[:, i], Hinv1[i, i]
             q = torch.where(block_pruned[:, i], torch.zeros_like(w), w)
             err[:, i] = (w - q) / d

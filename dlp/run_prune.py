@@ -2,7 +2,8 @@
 
 Each step writes its artifact atomically into ``output_dir`` and a rerun picks up after the last finished one:
 ``layer_scores.json`` (dense sweep, keyed by model, data hash and settings), ``masks.safetensors`` and
-``model/`` (pruned weights), then ``report.json`` (whose presence marks the stage finished).
+``model/`` (pruned weights; reused when the masks' metadata — recipe, ratios, seed, data hash — matches), then
+``report.json`` (whose presence marks the stage finished; ``--overwrite`` starts over).
 """
 
 from __future__ import annotations
@@ -102,19 +103,21 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
 
     spec = PruneSpec(prune_args.criterion, parse_pattern(prune_args.pattern), prune_args.sparsegpt_blocksize,
                      prune_args.sparsegpt_percdamp)
+    metadata = {"model": model_id, "recipe": report["config"], "layer_sparsities": sparsities,
+                "seed": run_args.seed, "calibration_sha256": calib.sha256, "dlp_version": "0.1.0"}
     start = time.perf_counter()
-    masks = prune_model(model, calib.input_ids, sparsities, spec, mode=prune_args.prune_mode, device=device,
-                        batch_size=prune_args.calibration_batch_size)
+    masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
+    if masks is None:
+        masks = prune_model(model, calib.input_ids, sparsities, spec, mode=prune_args.prune_mode, device=device,
+                            batch_size=prune_args.calibration_batch_size)
+        masks.metadata = metadata
+        masks.save(out / "masks.safetensors")
+        if run_args.save_model:
+            with atomic_dir(out / "model") as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
     report["timings"]["prune_s"] = time.perf_counter() - start
-    masks.metadata = {"model": model_id, "recipe": report["config"], "layer_sparsities": sparsities,
-                      "seed": run_args.seed, "calibration_sha256": calib.sha256, "dlp_version": "0.1.0"}
-    masks.save(out / "masks.safetensors")
     assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
-
-    if run_args.save_model:
-        with atomic_dir(out / "model") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
 
     _fill_sparsity(report, model, masks, sparsities, scores, calib.sha256)
     report["perplexity"]["pruned"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
@@ -124,6 +127,19 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
         report["zero_shot"] = zero_shot(model, tokenizer, tasks)
     write_report(out, report)
     return report
+
+
+def _resume_pruned(out: Path, metadata: dict, model, model_args):
+    """(masks, pruned model) from an earlier run of the same recipe and data that stopped after pruning."""
+    mask_file, model_dir = out / "masks.safetensors", out / "model"
+    if not (mask_file.is_file() and (model_dir / "config.json").is_file()):
+        return None, model
+    masks = MaskSet.load(mask_file)
+    if json.dumps(masks.metadata, sort_keys=True) != json.dumps(metadata, sort_keys=True):
+        return None, model
+    print(f"[dlp] resuming: {mask_file} and {model_dir} match this recipe; pruning skipped")
+    pruned, _ = load_model_and_tokenizer(str(model_dir), model_args.dtype or "float32", model_args.attn_implementation or "sdpa")
+    return masks, pruned
 
 
 def _fill_sparsity(report: dict, model, masks: MaskSet, sparsities: list[float], scores, calib_sha: str) -> None:

@@ -118,3 +118,18 @@ def test_masks_tool_report_verify_and_mismatch(tmp_path, tiny_args, tiny_model_d
     mismatch = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(other)], capture_output=True, text=True)
     last_line = mismatch.stderr.strip().splitlines()[-1]
     assert mismatch.returncode == 2 and last_line.startswith("error: masks: the model has no modules") and "Traceback" not in mismatch.stderr
+
+
+def test_rerun_after_a_crash_reuses_masks_and_model(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    first = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false"])
+    assert first.returncode == 0
+    digest = json.loads((out / "report.json").read_text())["masks_digest"]
+    (out / "report.json").unlink()  # as if the run died during the final evaluation
+    again = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false"])
+    assert again.returncode == 0 and "pruning skipped" in again.stdout
+    assert json.loads((out / "report.json").read_text())["masks_digest"] == digest
+    (out / "report.json").unlink()
+    changed = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false", "--sparsity", "0.5"])
+    assert changed.returncode == 0 and "pruning skipped" not in changed.stdout  # other recipe: masks not reused
+    assert json.loads((out / "report.json").read_text())["masks_digest"] != digest
