@@ -10,8 +10,8 @@ Three variants run one after another, each in a fresh process (so peak RSS is it
   twice (statistics, prune, outputs). It shares dlp's scoring and mask functions, so masks must be identical.
 * ``engine`` — dlp's default (sequential) mode: one forward per layer in the dense scoring sweep, two in the
   pruning sweep; only the current layer on the device.
-* ``fast`` — dlp's fast mode: one forward per layer in each sweep, every Linear pruned as soon as its
-  whole-batch input is known.
+* ``fast`` — dlp's fast mode: one dense sweep (one forward per layer) yields the DLP ratios and the Wanda
+  statistics; every Linear is then pruned from those statistics, with no second sweep.
 
 Perplexity (first 64×512 windows of the WikiText-2 test split) of ``engine`` and ``fast`` is measured after the
 timed part. On CUDA the peak device memory is reported too.
@@ -118,9 +118,10 @@ def baseline(model, ids, device) -> MaskSet:
 
 
 def engine(model, ids, device, mode: str) -> MaskSet:
-    scores = score_layers(model, ids, device=device, batch_size=ids.shape[0] if mode == "fast" else 8)
+    stats = {} if mode == "fast" else None
+    scores = score_layers(model, ids, device=device, batch_size=8, keep_stats=stats)
     sparsities = balance(dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY)
-    return prune_model(model, ids, sparsities, PruneSpec("wanda"), mode=mode, device=device, batch_size=8)
+    return prune_model(model, ids, sparsities, PruneSpec("wanda"), mode=mode, device=device, batch_size=8, stats=stats)
 
 
 def run_variant(variant: str, args) -> dict:

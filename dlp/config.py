@@ -52,8 +52,9 @@ class PruneArguments:
     sparsegpt_blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per block."})
     sparsegpt_percdamp: float = field(default=0.01, metadata={"help": "SparseGPT: dampening, fraction of mean diag(H)."})
     prune_mode: str = field(default="sequential", metadata={
-        "help": "sequential (two forwards per layer, the papers' protocol) or fast (one forward per layer, "
-                "each Linear pruned as soon as its whole-batch input is known)."})
+        "help": "sequential (the papers' protocol: layer l+1 calibrated on the pruned layer l); fast (one dense "
+                "sweep gives both the ratios and the pruning statistics; wanda/magnitude); onepass (one forward "
+                "per layer, each Linear pruned as soon as its whole-batch input is known; any criterion)."})
     device: str = field(default="auto", metadata={"help": "Compute device for the sweep and evaluation: auto, cpu, cuda, cuda:N."})
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class PruneArguments:
         require(self.owl_m > 0, f"owl_m must be > 0 (got {self.owl_m})")
         require(self.allocation != "explicit" or self.layer_sparsities,
                 "allocation=explicit needs layer_sparsities (comma-separated floats or a JSON file)")
+        require(not (self.prune_mode == "fast" and self.criterion == "sparsegpt"),
+                "prune_mode fast supports criterion wanda or magnitude; use onepass or sequential for sparsegpt")
         pattern = parse_pattern(self.pattern)
         if pattern.is_nm:
             # N:M exists for sparse tensor cores, which run one fixed N:M; a per-layer N would need per-layer kernels.

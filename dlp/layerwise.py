@@ -3,8 +3,11 @@
 * :func:`score_layers` — one dense sweep, one forward per layer, measuring every allocator's layer score.
 * :func:`prune_model` — ``mode="sequential"`` (default): per layer, a forward that accumulates input
   statistics, pruning, and a second forward whose outputs (of the pruned layer) feed the next layer.
-  ``mode="fast"``: one forward per layer over the whole calibration batch; a pre-hook prunes each Linear as
-  soon as its input for the whole batch is known, so later Linears of the block already see pruned inputs.
+  ``mode="fast"``: no sweep at all; every Linear is pruned from the statistics the dense scoring sweep kept
+  (``score_layers(keep_stats=...)``), so the whole job is one forward per layer (Wanda and magnitude).
+  ``mode="onepass"``: one forward per layer over the whole calibration batch; a pre-hook prunes each Linear as
+  soon as its input for the whole batch is known, so later Linears of the block already see pruned inputs
+  (works for SparseGPT too).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .allocate import LayerScores
+from .errors import require
 from .masks import MaskSet
 from .modeling import find_decoder_layers, find_linears
 from .prune import Pattern, keep_mask, magnitude_scores, sparsegpt_prune, wanda_scores
@@ -24,7 +28,7 @@ from .stats import InputStats, _SharedReducer, collect_input_stats
 from .sweep import LayerContext, sweep
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
-MODES = ("sequential", "fast")
+MODES = ("sequential", "fast", "onepass")
 
 
 @dataclass(frozen=True)
@@ -75,14 +79,21 @@ def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], outputs: torch
 
 
 def score_layers(model: nn.Module, input_ids: torch.Tensor, *, owl_m: float = 5.0, device="cpu",
-                 batch_size: int = 8) -> list[LayerScores]:
-    """Dense sweep (nothing is pruned): the layer scores every allocator needs."""
+                 batch_size: int = 8, keep_stats: dict[str, InputStats] | None = None) -> list[LayerScores]:
+    """Dense sweep (nothing is pruned): the layer scores every allocator needs.
+
+    With ``keep_stats`` (a dict), every Linear's input statistics are kept under its full name, so that
+    ``prune_mode=dense`` can prune from them without a second sweep.
+    """
     results: list[LayerScores] = []
+    prefix, _ = find_decoder_layers(model)
 
     def visit(ctx: LayerContext) -> torch.Tensor:
         with collect_input_stats(ctx.linears) as stats:
             outputs = ctx.forward()
         results.append(_layer_score(ctx, stats, outputs, owl_m))
+        if keep_stats is not None:
+            keep_stats.update({f"{prefix}.{ctx.index}.{name}": st for name, st in stats.items()})
         return outputs
 
     sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc="scoring layers")
@@ -95,7 +106,7 @@ def _sequential_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, p
             ctx.forward(keep_outputs=False)
         for name, linear in ctx.linears.items():
             masks[f"{prefix}.{ctx.index}.{name}"] = prune_linear(linear, stats[name], sparsities[ctx.index], spec)
-        return ctx.forward()
+        return ctx.inputs if ctx.is_last else ctx.forward()  # the last layer's outputs feed nothing
 
     return visit
 
@@ -123,16 +134,24 @@ def _fast_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix:
 
 
 def prune_model(model: nn.Module, input_ids: torch.Tensor | None, sparsities: list[float], spec: PruneSpec, *,
-                mode: str = "sequential", device="cpu", batch_size: int = 8) -> MaskSet:
-    """Prune every decoder-layer Linear in place with per-layer ``sparsities``; return the masks."""
+                mode: str = "sequential", device="cpu", batch_size: int = 8,
+                stats: dict[str, InputStats] | None = None) -> MaskSet:
+    """Prune every decoder-layer Linear in place with per-layer ``sparsities``; return the masks.
+
+    ``mode="fast"`` needs ``stats`` from ``score_layers(keep_stats=...)``; magnitude pruning needs no data.
+    """
     prefix, layers = find_decoder_layers(model)
     masks: dict[str, torch.Tensor] = {}
-    if spec.criterion == "magnitude":  # needs no calibration data
+    if spec.criterion == "magnitude" or mode == "fast":  # no sweep: prune from weights (and kept statistics)
+        require(spec.criterion != "sparsegpt", "prune_mode fast supports criterion wanda or magnitude; "
+                                               "use prune_mode onepass or sequential for sparsegpt")
+        require(spec.criterion == "magnitude" or stats is not None, "prune_mode fast needs the dense sweep's statistics")
         for index, layer in enumerate(layers):
             for name, linear in find_linears(layer).items():
-                masks[f"{prefix}.{index}.{name}"] = prune_linear(linear, None, sparsities[index], spec)
+                full = f"{prefix}.{index}.{name}"
+                masks[full] = prune_linear(linear, stats[full] if stats else None, sparsities[index], spec)
         return MaskSet(masks)
-    if mode == "fast":
+    if mode == "onepass":
         visit, batch_size = _fast_visitor(sparsities, spec, masks, prefix), input_ids.shape[0]
     else:
         visit = _sequential_visitor(sparsities, spec, masks, prefix)

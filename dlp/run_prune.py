@@ -89,14 +89,17 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
         print(f"[dlp] dense perplexity {report['perplexity']['dense']['value']:.2f}")
 
     params = layer_param_counts(model)
-    scores = None
-    if prune_args.allocation in NEEDS_SCORES:
+    scores, stats = None, None
+    fast = prune_args.prune_mode == "fast" and prune_args.criterion != "magnitude"
+    if prune_args.allocation in NEEDS_SCORES or fast:
         start = time.perf_counter()
-        batch = calib.input_ids.shape[0] if prune_args.prune_mode == "fast" else prune_args.calibration_batch_size
+        batch = prune_args.calibration_batch_size
         key = _key({"model": model_id, "dtype": model_args.dtype, "data": calib.sha256, "owl_m": prune_args.owl_m,
                     "batch": batch})
-        scores = cached_layer_scores(out / "layer_scores.json", key, lambda: score_layers(
-            model, calib.input_ids, owl_m=prune_args.owl_m, device=device, batch_size=batch))
+        stats = {} if fast else None  # fast mode prunes from this sweep's statistics, so it always runs it
+        compute = lambda: score_layers(model, calib.input_ids, owl_m=prune_args.owl_m, device=device,  # noqa: E731
+                                       batch_size=batch, keep_stats=stats)
+        scores = compute() if fast else cached_layer_scores(out / "layer_scores.json", key, compute)
         report["timings"]["score_s"] = time.perf_counter() - start
     sparsities = compute_sparsities(prune_args, scores, params)
     print("[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities))
@@ -109,7 +112,7 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
     masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
     if masks is None:
         masks = prune_model(model, calib.input_ids, sparsities, spec, mode=prune_args.prune_mode, device=device,
-                            batch_size=prune_args.calibration_batch_size)
+                            batch_size=prune_args.calibration_batch_size, stats=stats)
         masks.metadata = metadata
         masks.save(out / "masks.safetensors")
         if run_args.save_model:

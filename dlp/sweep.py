@@ -138,6 +138,7 @@ class LayerContext:
     inputs: torch.Tensor  # hidden states entering the layer, [nsamples, seqlen, hidden], offload device
     device: torch.device
     _captured: CapturedInputs
+    is_last: bool = False  # the last decoder layer: nothing downstream needs its outputs
 
     @torch.no_grad()
     def forward(self, keep_outputs: bool = True) -> torch.Tensor | None:
@@ -173,7 +174,7 @@ def sweep(model: nn.Module, input_ids: torch.Tensor, visit: Visitor, *, device: 
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
-        context = LayerContext(index, layer, find_linears(layer), hidden, device, captured)
+        context = LayerContext(index, layer, find_linears(layer), hidden, device, captured, index == len(layers) - 1)
         hidden = visit(context)
         layer.to(home)
     return captured

@@ -60,6 +60,14 @@ def test_prune_cli_end_to_end(tmp_path, tiny_args):
     assert again.returncode == 0 and "already holds a finished run" in again.stdout
 
 
+def test_fast_mode_cli(tmp_path, tiny_args):
+    out = tmp_path / "fast"
+    result = _run([*tiny_args, "--output_dir", str(out), "--prune_mode", "fast", "--eval_dense", "false"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["sparsity"]["overall"] - 0.7) < 0.01 and report["config"]["prune_mode"] == "fast"
+
+
 def test_same_seed_bit_identical_masks_other_seed_differs(tmp_path, tiny_args):
     digests = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
@@ -77,6 +85,8 @@ def test_same_seed_bit_identical_masks_other_seed_differs(tmp_path, tiny_args):
     (["--pattern", "4-8"], "pattern must be 'unstructured' or 'N:M'"),
     (["--sparsity", "1.2"], "sparsity must be in [0, 1)"),
     (["--criterion", "obs"], "criterion must be one of magnitude, wanda, sparsegpt"),
+    (["--criterion", "sparsegpt", "--prune_mode", "fast"], "prune_mode fast supports criterion wanda or magnitude"),
+    (["--prune_mode", "turbo"], "prune_mode must be one of sequential, fast, onepass"),
     (["--calibration_data", "builtin:nothing"], "data source 'builtin:nothing' unknown"),
     (["--model_name_or_path", "/nonexistent/dir.gguf"], "model: GGUF file not found"),
     (["--allocation", "explicit", "--layer_sparsities", "0.5,0.6"], "layer_sparsities must list 3 values"),

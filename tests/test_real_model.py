@@ -38,10 +38,11 @@ def test_dlp_wanda_70_on_smollm2(smollm2, tmp_path):
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         calib = load_calibration(tokenizer, CALIB, nsamples=4, seqlen=256, seed=0)
-        scores = score_layers(model, calib.input_ids)
+        stats = {}
+        scores = score_layers(model, calib.input_ids, keep_stats=stats)
         sparsities = compute_sparsities(PruneArguments(), scores, layer_param_counts(model))
         assert sparsities[0] < 0.7 < sparsities[-1]  # SmolLM2: DLP prunes the last layers most
-        masks = prune_model(model, calib.input_ids, sparsities, PruneSpec("wanda"), mode="fast")
+        masks = prune_model(model, calib.input_ids, sparsities, PruneSpec("wanda"), mode="fast", stats=stats)
         assert abs(masks.sparsity_report()["overall"] - 0.7) < 0.001  # within 0.1 point of the target
         assert MaskSet.load(masks.save(tmp_path / "m.safetensors")).digest() == masks.digest()
         assert masks.violations(model) == 0

@@ -138,11 +138,27 @@ def test_sequential_mode_calibrates_on_pruned_outputs(calib_ids):
     assert not torch.allclose(seen[1], unpruned, atol=1e-3)
 
 
-def test_same_seed_gives_identical_masks_and_fast_mode_is_close(calib_ids):
+def test_fast_mode_prunes_from_the_dense_sweep(calib_ids):
+    """Layer 0 sees the same (dense) inputs in both modes, so its masks agree; later layers need no sweep."""
+    sequential = prune_model(tiny_model("llama"), calib_ids, [0.7] * 3, PruneSpec("wanda"))
+    model, stats = tiny_model("llama"), {}
+    score_layers(model, calib_ids, keep_stats=stats)
+    assert len(stats) == 21 and all(s.tokens == calib_ids.numel() for s in stats.values())
+    fast = prune_model(model, None, [0.7] * 3, PruneSpec("wanda"), mode="fast", stats=stats)
+    assert fast.violations(model) == 0
+    for name, mask in sequential.masks.items():
+        if ".layers.0." in name:
+            assert torch.equal(fast.masks[name], mask), name
+    from dlp.errors import DlpError
+    with pytest.raises(DlpError, match="prune_mode fast supports criterion wanda or magnitude"):
+        prune_model(model, None, [0.7] * 3, PruneSpec("sparsegpt"), mode="fast", stats=stats)
+
+
+def test_same_seed_gives_identical_masks_and_onepass_mode_is_close(calib_ids):
     first = prune_model(tiny_model("llama"), calib_ids, [0.7] * 3, PruneSpec("wanda"))
     second = prune_model(tiny_model("llama"), calib_ids, [0.7] * 3, PruneSpec("wanda"))
     assert first.digest() == second.digest()
-    fast = prune_model(tiny_model("llama"), calib_ids, [0.7] * 3, PruneSpec("wanda"), mode="fast")
+    fast = prune_model(tiny_model("llama"), calib_ids, [0.7] * 3, PruneSpec("wanda"), mode="onepass")
     agree = sum(int((fast.masks[k] == first.masks[k]).sum()) for k in first.masks)
     total = sum(m.numel() for m in first.masks.values())
     assert fast.sparsity_report()["overall"] == pytest.approx(first.sparsity_report()["overall"])
