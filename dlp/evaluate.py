@@ -1,8 +1,8 @@
 """Evaluation: WikiText-2 perplexity with the standard protocol, and lm-eval zero-shot tasks when installed.
 
 Perplexity protocol (as in the SparseGPT/Wanda/DLP papers): the test split's text (see :mod:`dlp.data` for how
-a file or a hub dataset becomes one text) is tokenized once; the stream is cut into non-overlapping windows of ``seqlen`` tokens from its
-start; perplexity is exp of the mean negative log-likelihood over every predicted token (seqlen − 1 per
+a file or a hub dataset becomes one text) is tokenized once; the stream is cut into non-overlapping windows of
+``seqlen`` tokens from its start; perplexity is exp of the mean negative log-likelihood over every predicted token (seqlen − 1 per
 window). Every figure is reported with ``seqlen`` and the number of windows.
 """
 

@@ -83,7 +83,7 @@ def score_layers(model: nn.Module, input_ids: torch.Tensor, *, owl_m: float = 5.
     """Dense sweep (nothing is pruned): the layer scores every allocator needs.
 
     With ``keep_stats`` (a dict), every Linear's input statistics are kept under its full name, so that
-    ``prune_mode=dense`` can prune from them without a second sweep.
+    ``prune_model(mode="fast")`` can prune from them without a second sweep.
     """
     results: list[LayerScores] = []
     prefix, _ = find_decoder_layers(model)
@@ -111,7 +111,7 @@ def _sequential_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, p
     return visit
 
 
-def _fast_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix: str) -> Callable:
+def _onepass_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix: str) -> Callable:
     def visit(ctx: LayerContext) -> torch.Tensor:
         reducer = _SharedReducer()
 
@@ -152,7 +152,7 @@ def prune_model(model: nn.Module, input_ids: torch.Tensor | None, sparsities: li
                 masks[full] = prune_linear(linear, stats[full] if stats else None, sparsities[index], spec)
         return MaskSet(masks)
     if mode == "onepass":
-        visit, batch_size = _fast_visitor(sparsities, spec, masks, prefix), input_ids.shape[0]
+        visit, batch_size = _onepass_visitor(sparsities, spec, masks, prefix), input_ids.shape[0]
     else:
         visit = _sequential_visitor(sparsities, spec, masks, prefix)
     sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc=f"pruning ({spec.criterion}, {mode})")

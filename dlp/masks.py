@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import DlpError, require
-from .io import publish_file
+from .io import atomic_file
 from .modeling import prunable_linears
 
 FORMAT = "dlp-masks/1"
@@ -48,15 +46,8 @@ class MaskSet:
         tensors = {name: torch.from_numpy(np.packbits(m.cpu().numpy().astype(np.uint8))) for name, m in self.masks.items()}
         meta = {"format": FORMAT, "shapes": json.dumps({n: list(m.shape) for n, m in self.masks.items()}),
                 "metadata": json.dumps(self.metadata), "digest": self.digest()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            publish_file(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return path
 
     @classmethod

@@ -79,7 +79,7 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-                                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, 2023): choose the mask block by block with the OBS saliency
     w²/[H⁻¹]²_jj and update the remaining weights to compensate the error. Returns (new weight, keep mask).
 

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def layer_sparsity_from_modules(modules: dict[str, float], module_sizes: dict[str, int], num_layers: int, prefix: str) -> list[float]:
@@ -38,11 +38,7 @@ def plot_layer_sparsity(path: Path, measured: list[float], target: float, title:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".png.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _fmt_ppl(entry: dict | None) -> str:
