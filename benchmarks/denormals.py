@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from dlp.evaluate import eval_stream  # noqa: E402
-from dlp.data import evaluation_windows  # noqa: E402
+from dlp.data import consecutive_windows  # noqa: E402
 from dlp.modeling import load_model_and_tokenizer  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer(args.model)
-    ids = evaluation_windows(eval_stream(tokenizer, "builtin:wikitext2-test"), 512, args.windows)
+    ids = consecutive_windows(eval_stream(tokenizer, "builtin:wikitext2-test"), 512, args.windows)
     weights = sum(subnormal_share(p) * p.numel() for p in model.parameters()) / sum(p.numel() for p in model.parameters())
     torch.set_flush_denormal(False)
     hidden = model(ids[:1], output_hidden_states=True).hidden_states

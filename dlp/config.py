@@ -107,6 +107,25 @@ class EvalArguments:
 
 
 @dataclass
+class FinetuneArguments:
+    """The fine-tuning data and what the prune-then-finetune pipeline keeps (training itself: trl's SFTConfig)."""
+
+    train_data: str = field(default="builtin:wikitext2-valid", metadata={
+        "help": "Fine-tuning text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id (id or id:config)."})
+    train_split: str = field(default="train", metadata={"help": "Split of a HF dataset to fine-tune on."})
+    train_max_windows: int = field(default=0, metadata={
+        "help": "Use at most N windows of max_length tokens (consecutive, from the start of the text); 0 = all."})
+    prune_dir: str | None = field(default=None, metadata={
+        "help": "Reuse a finished train/prune.py run (its masks.safetensors and model/) instead of pruning again."})
+    check_merge: bool = field(default=True, metadata={
+        "help": "After merging, compare the merged model's logits with the adapter model's on a few windows."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over even if output_dir holds a (partial) run."})
+
+    def __post_init__(self) -> None:
+        require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
+
+
+@dataclass
 class RunArguments:
     """Where results go (``train/prune.py``; the fine-tuning script takes these from its training arguments)."""
 

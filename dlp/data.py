@@ -35,7 +35,8 @@ BUILTIN_SOURCES = {
 _TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
 
 
-def read_text(source: str, split: str = "train", text_field: str = "text", max_documents: int | None = None) -> str:
+def read_text(source: str, split: str = "train", text_field: str = "text", max_documents: int | None = None,
+              max_chars: int | None = None) -> str:
     """The whole text of ``source``: a text file as it is, rows of jsonl/hub datasets joined with blank lines."""
     if source in BUILTIN_SOURCES:
         with gzip.open(BUILTIN_SOURCES[source], "rt", encoding="utf-8") as handle:
@@ -45,7 +46,7 @@ def read_text(source: str, split: str = "train", text_field: str = "text", max_d
     if path.exists() and path.suffix != ".jsonl":
         require(path.suffix in _TEXT_SUFFIXES, f"data: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}")
         return path.read_text(encoding="utf-8").replace("\r\n", "\n")
-    docs = _read_jsonl(path, text_field) if path.exists() else _read_hub(source, split, text_field, max_documents)
+    docs = _read_jsonl(path, text_field) if path.exists() else _read_hub(source, split, text_field, max_documents, max_chars)
     return "\n\n".join(docs)
 
 
@@ -64,7 +65,8 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
     return docs
 
 
-def _read_hub(source: str, split: str, text_field: str, max_documents: int | None) -> list[str]:
+def _read_hub(source: str, split: str, text_field: str, max_documents: int | None, max_chars: int | None) -> list[str]:
+    """Stream a hub dataset's rows until ``max_documents`` rows or ``max_chars`` characters (C4 is huge)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
@@ -72,10 +74,11 @@ def _read_hub(source: str, split: str, text_field: str, max_documents: int | Non
     name, _, config = source.partition(":")
     try:
         stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
-        docs = []
+        docs, chars = [], 0
         for record in stream:
             docs.append(str(record[text_field]))
-            if max_documents is not None and len(docs) >= max_documents:
+            chars += len(docs[-1]) + 2
+            if (max_documents is not None and len(docs) >= max_documents) or (max_chars is not None and chars >= max_chars):
                 break
         return docs
     except Exception as exc:  # offline, unknown id, wrong split: all user-fixable
@@ -125,10 +128,19 @@ def load_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     return CalibrationSet(input_ids=ids, source=source, seed=seed)
 
 
-def evaluation_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens from the start of the stream (the standard protocol)."""
+def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None, purpose: str = "evaluation") -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of the stream (the standard perplexity
+    protocol; fine-tuning uses them too, so every token is seen once per epoch)."""
     count = stream.numel() // seqlen
-    require(count >= 1, f"evaluation: the text has {stream.numel()} tokens, fewer than seqlen={seqlen}")
+    require(count >= 1, f"{purpose}: the text has {stream.numel()} tokens, fewer than seqlen={seqlen}")
     if max_windows is not None:
         count = min(count, max_windows)
     return stream[: count * seqlen].view(count, seqlen)
+
+
+def load_training_windows(tokenizer, source: str, seqlen: int, split: str = "train",
+                          max_windows: int | None = None) -> torch.Tensor:
+    """Fine-tuning windows ``[n, seqlen]`` of ``source`` (the whole text, tokenized once). With ``max_windows``
+    a hub dataset is streamed only until it holds enough text (about 8 characters per token, a safe margin)."""
+    text = read_text(source, split=split, max_chars=8 * seqlen * max_windows if max_windows else None)
+    return consecutive_windows(tokenize_text(tokenizer, text), seqlen, max_windows, purpose="fine-tuning data")

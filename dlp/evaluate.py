@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import evaluation_windows, read_text, tokenize_text
+from .data import consecutive_windows, read_text, tokenize_text
 from .errors import require
 
 
@@ -50,7 +50,7 @@ def perplexity(model: nn.Module, tokenizer, source: str, seqlen: int = 512, max_
     require(seqlen >= 2, f"eval_seqlen must be >= 2 (got {seqlen})")
     start = time.perf_counter()
     stream = eval_stream(tokenizer, source) if stream is None else stream
-    windows = evaluation_windows(stream, seqlen, max_windows)
+    windows = consecutive_windows(stream, seqlen, max_windows)
     home = next(model.parameters()).device
     model.to(device)
     total_nll, total_tokens = 0.0, 0

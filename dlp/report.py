@@ -20,12 +20,24 @@ def layer_sparsity_from_modules(modules: dict[str, float], module_sizes: dict[st
     return [r / t if t else 0.0 for r, t in zip(removed, total)]
 
 
-def plot_layer_sparsity(path: Path, measured: list[float], target: float, title: str) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_layer_sparsity(path: Path, measured: list[float], target: float, title: str) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(measured) + 2), 3.6))
     ax.bar(range(len(measured)), [100 * s for s in measured], color="#4C72B0", label="measured")
     ax.axhline(100 * target, color="#C44E52", linestyle="--", linewidth=1.2, label=f"target {100 * target:.1f}%")
@@ -35,10 +47,19 @@ def plot_layer_sparsity(path: Path, measured: list[float], target: float, title:
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return _save_png(fig, path)
+
+
+def plot_loss(path: Path, steps: list[int], losses: list[float], title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    ax.plot(steps, losses, color="#4C72B0", marker="." if len(steps) < 40 else None, linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_png(fig, path)
 
 
 def _fmt_ppl(entry: dict | None) -> str:
@@ -80,4 +101,69 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> None:
     plot_layer_sparsity(output_dir / "sparsity.png", report["layer_sparsity"]["measured"], report["config"]["sparsity"],
                         f"{report['config']['allocation']} + {report['config']['criterion']}: per-layer sparsity")
     atomic_write_text(output_dir / "summary.md", summary_markdown(report))
+    atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
+
+
+def finetune_markdown(report: dict[str, Any]) -> str:
+    """The model card of a pruned + mask-exact-LoRA model (also the run's ``summary.md``)."""
+    cfg, ppl, train, merge = report["config"], report["perplexity"], report["training"], report["merge"]
+    lora, hyper = cfg["lora"], cfg["training"]
+    any_ppl = ppl["finetuned"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {report['model']}" if "/" in report["model"] else f"# base model: {report['model']}",
+        "tags: [pruned, sparse, dlp, lora]",
+        "---",
+        "",
+        f"# {report['model']}, pruned to {100 * report['sparsity']['overall']:.1f}% sparsity and fine-tuned",
+        "",
+        "Pruned with dlp (layerwise sparsity allocation, fixed masks), then fine-tuned with LoRA adapters whose "
+        "update was confined to the masks, and merged: every pruned weight is exactly zero in these files.",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+        f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
+        f"| pruned | {_fmt_ppl(ppl.get('pruned'))} |",
+        f"| pruned + mask-exact LoRA (this model) | {_fmt_ppl(any_ppl)} |",
+        "",
+        f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
+        "",
+        "## Recipe",
+        f"- pruning: criterion **{cfg['criterion']}**, pattern **{cfg['pattern']}**, allocation **{cfg['allocation']}**, "
+        f"target {100 * cfg['sparsity']:.1f}%; measured {100 * report['sparsity']['overall']:.2f}% of "
+        f"{report['sparsity']['weights']:,} decoder weights",
+        f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}",
+        f"- LoRA: r={lora['lora_r']}, alpha={lora['lora_alpha']}, dropout={lora['lora_dropout']}, "
+        f"targets {lora['lora_target_modules'] or 'every pruned projection'}",
+        f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
+        f"lr {hyper['learning_rate']}, {train['train_seconds']:.0f} s"
+        + (f" (resumed from `{Path(train['resumed_from']).name}`)" if train.get("resumed_from") else ""),
+        f"- merge: W' = (W + s·B·A) ⊙ M; nonzero pruned weights after merge: {merge['violations']}, "
+        f"after reloading the export: {report['export']['reloaded_violations']}; max |logit difference| "
+        f"adapter vs merged: {merge['max_logit_diff'] if merge['max_logit_diff'] is not None else 'not checked'}",
+        f"- masks: `masks.safetensors`, digest `{report['masks_digest'][:16]}…`",
+        "",
+        "![training loss](loss.png)",
+        "",
+        "| layer | allocated | measured |",
+        "|---|---|---|",
+    ]
+    for index, (alloc, meas) in enumerate(zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])):
+        lines.append(f"| {index} | {100 * alloc:.2f}% | {100 * meas:.2f}% |")
+    lines += ["", "![per-layer sparsity](sparsity.png)", ""]
+    return "\n".join(lines)
+
+
+def write_finetune_report(output_dir: Path, model_dir: Path, report: dict[str, Any]) -> None:
+    """Plots and card into the run directory and the exported model directory; ``report.json`` last."""
+    steps = [e["step"] for e in report["log_history"] if "loss" in e]
+    losses = [e["loss"] for e in report["log_history"] if "loss" in e]
+    card = finetune_markdown(report)
+    for directory in (output_dir, model_dir):
+        plot_layer_sparsity(directory / "sparsity.png", report["layer_sparsity"]["measured"], report["config"]["sparsity"],
+                            f"{report['config']['allocation']} + {report['config']['criterion']}: per-layer sparsity")
+        plot_loss(directory / "loss.png", steps, losses, "mask-exact LoRA: training loss")
+    atomic_write_text(model_dir / "README.md", card)
+    atomic_write_text(output_dir / "summary.md", card)
     atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from dlp.data import BUILTIN_SOURCES, load_calibration, read_text
+from dlp.data import BUILTIN_SOURCES, load_calibration, load_training_windows, read_text
 from dlp.errors import DlpError
 from dlp.evaluate import perplexity
 
@@ -30,6 +30,24 @@ def test_hub_dataset_is_streamed_and_truncated(monkeypatch):
     calib = load_calibration(_CharTokenizer(), "allenai/c4:en", nsamples=4, seqlen=32, seed=0)
     assert calls == {"name": "allenai/c4", "config": "en", "split": "train", "streaming": True}
     assert calib.input_ids.shape == (4, 32)
+
+
+def test_training_windows_stream_only_enough_of_a_hub_dataset(monkeypatch):
+    """C4 is far too large to read whole: with train_max_windows the stream stops at about 8 chars per token."""
+    served = []
+
+    def load_dataset(name, config, split, streaming):
+        def rows():
+            for i in range(100_000):
+                served.append(i)
+                yield {"text": "x" * 98}
+        return rows()
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    windows = load_training_windows(_CharTokenizer(), "allenai/c4:en", seqlen=50, split="validation", max_windows=3)
+    assert windows.shape == (3, 50)
+    assert len(served) == 12  # 12 rows × 100 chars ≥ 8 × 50 × 3 = 1,200 chars
+    assert windows.flatten().tolist()[:100] == [ord("x") % 64] * 98 + [ord("\n") % 64] * 2
 
 
 def test_unreachable_hub_is_a_user_error(monkeypatch):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dlp.data import evaluation_windows, read_text, sample_windows
+from dlp.data import consecutive_windows, read_text, sample_windows
 from dlp.errors import DlpError
 from dlp.masks import FORMAT, MaskSet
 from dlp.modeling import prunable_linears
@@ -374,15 +374,15 @@ def test_sample_windows_rejects_too_short_streams_and_bad_sizes():
         sample_windows(torch.arange(100), 1, 1, seed=0)
 
 
-def test_evaluation_windows_hand_case():
+def test_consecutive_windows_hand_case():
     stream = torch.arange(10)
-    assert evaluation_windows(stream, 3, None).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert evaluation_windows(stream, 3, 2).tolist() == [[0, 1, 2], [3, 4, 5]]
-    assert evaluation_windows(stream, 3, 99).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert evaluation_windows(stream, 5, None).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    assert evaluation_windows(stream, 10, None).tolist() == [list(range(10))]
+    assert consecutive_windows(stream, 3, None).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert consecutive_windows(stream, 3, 2).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert consecutive_windows(stream, 3, 99).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert consecutive_windows(stream, 5, None).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert consecutive_windows(stream, 10, None).tolist() == [list(range(10))]
     with pytest.raises(DlpError, match="fewer than seqlen=11"):
-        evaluation_windows(stream, 11, None)
+        consecutive_windows(stream, 11, None)
 
 
 # --- data: sources -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""The fine-tuning stage: mask-exact LoRA on a pruned model, trained with trl's ``SFTTrainer``.
+
+The data is plain language-modelling text cut into consecutive windows of ``max_length`` tokens (so every token
+is seen once per epoch and no padding is needed). Checkpoints go to ``<output_dir>/finetune/checkpoint-N``; a
+rerun resumes from the newest one (model, optimizer, scheduler, RNG and data position), so an interrupted run
+finishes with the same adapter it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import FinetuneArguments
+from .data import load_training_windows
+from .errors import DlpError, require
+from .lora import attach_masks
+from .masks import MaskSet
+from .modeling import prunable_linears
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Every kind of prunable Linear of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in prunable_linears(model)})
+
+
+def check_lora_args(model_args) -> None:
+    """Reject LoRA settings mask-exact training cannot honour (checked before any stage runs)."""
+    require(not model_args.use_dora, "use_dora must be false: DoRA's magnitude vector is not part of mask-exact LoRA")
+    require(model_args.lora_r >= 1, f"lora_r must be >= 1 (got {model_args.lora_r})")
+    require(0.0 <= model_args.lora_dropout < 1.0, f"lora_dropout must be in [0, 1) (got {model_args.lora_dropout})")
+
+
+def lora_config(model_args, model: nn.Module):
+    """peft ``LoraConfig`` from trl's ``ModelConfig`` fields (``lora_r``, ``lora_alpha``, ...)."""
+    from peft import LoraConfig
+
+    check_lora_args(model_args)
+    targets = model_args.lora_target_modules or default_target_modules(model)
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=targets, modules_to_save=model_args.lora_modules_to_save,
+                      use_rslora=model_args.use_rslora, task_type="CAUSAL_LM")
+
+
+def masked_lora_model(model: nn.Module, masks: MaskSet, model_args) -> nn.Module:
+    """Wrap a pruned model with peft LoRA and make every adapter on a pruned Linear mask-exact."""
+    from peft import get_peft_model
+
+    require(masks.violations(model) == 0, "finetune: the base model has nonzero weights where the masks prune")
+    peft_model = get_peft_model(model, lora_config(model_args, model))
+    attach_masks(peft_model, masks)
+    return peft_model
+
+
+def training_dataset(tokenizer, ft_args: FinetuneArguments, seqlen: int):
+    from datasets import Dataset
+
+    windows = load_training_windows(tokenizer, ft_args.train_data, seqlen, ft_args.train_split,
+                                    ft_args.train_max_windows or None)
+    return Dataset.from_dict({"input_ids": windows.tolist()})
+
+
+@dataclass
+class TrainResult:
+    log_history: list[dict[str, Any]]
+    train_seconds: float
+    global_steps: int
+    tokens_seen: int
+    resumed_from: str | None
+
+
+def last_checkpoint(directory: Path) -> str | None:
+    """The newest *complete* ``checkpoint-N`` in ``directory``: the trainer writes ``trainer_state.json`` last,
+    so a checkpoint cut short by a kill lacks it (or holds it half-written) and is skipped."""
+    candidates = sorted((int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*")
+                        if p.is_dir() and p.name.split("-")[1].isdigit()) if directory.is_dir() else []
+    for _, path in reversed(candidates):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            print(f"[dlp] skipping incomplete checkpoint {path}")
+            continue
+        return str(path)
+    return None
+
+
+def train(peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args) -> tuple[Any, TrainResult]:
+    """Train with ``SFTTrainer``; ``sft_args.output_dir`` holds the checkpoints and is resumed from."""
+    from trl import SFTTrainer
+
+    require(sft_args.max_length is not None and sft_args.max_length >= 2, "max_length must be >= 2 (tokens per training window)")
+    if tokenizer.pad_token is None:  # windows are all full, but the collator insists on a pad id
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    dataset = training_dataset(tokenizer, ft_args, sft_args.max_length)
+    resume = last_checkpoint(Path(sft_args.output_dir))
+    if resume:
+        print(f"[dlp] resuming fine-tuning from {resume}")
+    trainer = SFTTrainer(model=peft_model, args=sft_args, train_dataset=dataset, processing_class=tokenizer)
+    start = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    except ValueError as exc:  # e.g. a checkpoint from another recipe
+        raise DlpError(f"finetune: {str(exc).splitlines()[0]}")
+    seconds = time.perf_counter() - start
+    state = trainer.state
+    tokens = state.global_step * sft_args.max_length * sft_args.per_device_train_batch_size \
+        * sft_args.gradient_accumulation_steps * trainer.accelerator.num_processes
+    return trainer, TrainResult(list(state.log_history), output.metrics.get("train_runtime", seconds),
+                                state.global_step, tokens, resume)
+

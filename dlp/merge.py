@@ -1,0 +1,79 @@
+"""Merge a mask-exact LoRA adapter into its pruned base and export a plain Hugging Face model.
+
+The merge is peft's own ``merge_and_unload`` on layers made mask-exact by :func:`dlp.lora.attach_masks`, so
+``W' = W + s·(B·A) ⊙ M``: the exact weight the adapter model computed with. Two checks guard the result: every
+masked weight must be exactly zero, and (optionally) the merged model's logits must match the adapter model's
+on probe windows. The exported directory holds safetensors, config, tokenizer and the masks; it loads with
+``AutoModelForCausalLM.from_pretrained`` and needs no dlp import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import require
+from .io import atomic_dir
+from .lora import attach_masks
+from .masks import MaskSet
+from .modeling import load_model_and_tokenizer
+
+MERGE_TOLERANCE = 1e-4  # fp32 max |logit difference|; the merge is exact by construction, so this is a guard
+
+
+@dataclass(frozen=True)
+class MergeCheck:
+    violations: int  # masked weights that are not exactly zero after the merge
+    max_logit_diff: float | None  # adapter model vs merged model on the probe windows (None: not probed)
+    lora_layers: int  # mask-exact LoRA layers merged
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, probe_ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=probe_ids.to(device), use_cache=False).logits.float().cpu()
+
+
+def merge_masked(peft_model: nn.Module, masks: MaskSet, probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeCheck]:
+    """Merge a peft model whose LoRA layers are mask-exact; return the plain merged model and its checks."""
+    layers = attach_masks(peft_model, masks)  # idempotent for layers that are mask-exact already
+    peft_model.eval()
+    before = _logits(peft_model, probe_ids) if probe_ids is not None else None
+    merged = peft_model.merge_and_unload()
+    diff = float((_logits(merged, probe_ids) - before).abs().max()) if before is not None else None
+    check = MergeCheck(masks.violations(merged), diff, layers)
+    require(check.violations == 0, f"merge: {check.violations} pruned weights are not zero after merging")  # pragma: no cover
+    require(diff is None or diff <= MERGE_TOLERANCE,
+            f"merge: merged logits differ from the adapter model's by {diff:.3g} (> {MERGE_TOLERANCE})")
+    return merged, check
+
+
+def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: MaskSet, dtype: str = "float32"):
+    """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    require((adapter_dir / "adapter_config.json").is_file(), f"adapter_dir: no adapter_config.json in {adapter_dir}")
+    base, tokenizer = load_model_and_tokenizer(str(base_dir), dtype, "sdpa")
+    masks.check_matches(base)
+    require(masks.violations(base) == 0, f"base: {base_dir} has nonzero weights where the masks prune; "
+            "is it the pruned model these masks were made for?")
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    attach_masks(model, masks)
+    return model, tokenizer
+
+
+def export_model(model: nn.Module, tokenizer, masks: MaskSet, target: str | Path) -> Path:
+    """Write the merged model, its tokenizer and its masks to ``target`` in one atomic step."""
+    target = Path(target)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        masks.save(Path(tmp) / "masks.safetensors")
+    return target

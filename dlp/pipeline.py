@@ -1,0 +1,169 @@
+"""Prune-then-finetune: prune → finetune → merge → export → evaluate, one recipe, every stage resumable.
+
+Layout of ``output_dir`` (each artifact is written atomically; its presence marks its stage finished):
+
+* ``prune/``: a ``train/prune.py`` run (masks, pruned model, dense/pruned perplexity), or ``prune_dir`` reused;
+* ``finetune/checkpoint-N``: trainer checkpoints, resumed from after an interruption;
+* ``adapter/``: the trained mask-exact LoRA adapter and its training log;
+* ``merge.json`` then ``model/``: the merged sparse model (loads with plain transformers) and its masks;
+* ``eval.json``: perplexity of the exported model, reloaded without dlp;
+* ``report.json``, ``summary.md``, ``sparsity.png``, ``loss.png`` and the model card ``model/README.md``;
+  ``report.json`` comes last and marks the whole run finished.
+
+Under ``accelerate launch`` with several processes, pruning, merging and evaluation run on the main process
+(the others wait at a barrier and then load its results); training runs on every process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments
+from .data import load_training_windows
+from .errors import require
+from .evaluate import perplexity
+from .finetune import check_lora_args, masked_lora_model, train
+from .io import atomic_write_json, read_json
+from .masks import MaskSet
+from .merge import export_model, load_adapter_model, merge_masked
+from .modeling import load_model_and_tokenizer
+from .report import write_finetune_report
+from .run_prune import run_prune
+from .runtime import resolve_device
+
+TRAINING_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "weight_decay",
+                   "activation_checkpointing", "bf16", "seed")
+
+
+def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArguments, ft_args: FinetuneArguments,
+                   sft_args) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline into ``sft_args.output_dir``; return the final report."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out = Path(sft_args.output_dir)
+    require(ft_args.train_data != eval_args.eval_data, "train_data must not be the evaluation text (eval_data)")
+    require(sft_args.max_length is not None and sft_args.max_length >= 2, "max_length must be >= 2 (tokens per training window)")
+    check_lora_args(model_args)
+    if ft_args.overwrite and state.is_main_process and out.exists():
+        shutil.rmtree(out)
+    state.wait_for_everyone()
+    finished = read_json(out / "report.json")
+    if finished is not None:
+        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+        return finished
+
+    prune_dir, prune_report = _prune_stage(model_args, prune_args, eval_args, ft_args, sft_args.seed, out, state)
+    masks = MaskSet.load(prune_dir / "masks.safetensors")
+    if not (out / "adapter" / "adapter_config.json").is_file():
+        _finetune_stage(model_args, ft_args, sft_args, prune_dir, masks, out, state)
+    if state.is_main_process:
+        _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args, prune_dir, prune_report, masks, out)
+    state.wait_for_everyone()
+    return read_json(out / "report.json")
+
+
+def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Path, state) -> tuple[Path, dict]:
+    """Prune on the main process only; the other processes wait, then read its finished report."""
+    if ft_args.prune_dir:
+        prune_dir = Path(ft_args.prune_dir)
+        report = read_json(prune_dir / "report.json")
+        require(report is not None and (prune_dir / "model" / "config.json").is_file(),
+                f"prune_dir: {prune_dir} is not a finished train/prune.py run (report.json and model/ are needed)")
+        return prune_dir, report
+    prune_dir = out / "prune"
+    with state.main_process_first():  # the main process prunes; the others find report.json and return at once
+        report = run_prune(model_args, prune_args, eval_args, RunArguments(str(prune_dir), seed, False, True))
+    return prune_dir, report
+
+
+def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet, out: Path, state) -> None:
+    model, tokenizer = load_model_and_tokenizer(str(prune_dir / "model"), model_args.dtype or "float32",
+                                                model_args.attn_implementation or "sdpa")
+    masks.check_matches(model)
+    peft_model = masked_lora_model(model, masks, model_args)
+    if state.is_main_process:
+        peft_model.print_trainable_parameters()
+    run_dir = sft_args.output_dir
+    sft_args.output_dir = str(out / "finetune")
+    try:
+        trainer, result = train(peft_model, tokenizer, ft_args, sft_args)
+    finally:
+        sft_args.output_dir = run_dir
+    staging = out / ".adapter.tmp"
+    trainer.save_model(str(staging))  # every process takes part (sharded engines gather); the main one writes
+    if state.is_main_process:
+        atomic_write_json(staging / "training_log.json", asdict(result))
+        if (out / "adapter").exists():
+            shutil.rmtree(out / "adapter")
+        os.replace(staging, out / "adapter")
+    state.wait_for_everyone()
+
+
+def _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args, prune_dir: Path, prune_report: dict,
+                           masks: MaskSet, out: Path) -> dict:
+    dtype = model_args.dtype or "float32"
+    merge_info = read_json(out / "merge.json")
+    if merge_info is None or not (out / "model" / "config.json").is_file():
+        start = time.perf_counter()
+        peft_model, tokenizer = load_adapter_model(prune_dir / "model", out / "adapter", masks, dtype)
+        probe = None
+        if ft_args.check_merge:
+            probe = load_training_windows(tokenizer, ft_args.train_data, min(128, sft_args.max_length),
+                                          ft_args.train_split, max_windows=2)
+        merged, check = merge_masked(peft_model, masks, probe)
+        merge_info = {**check.to_dict(), "seconds": time.perf_counter() - start}
+        atomic_write_json(out / "merge.json", merge_info)
+        export_model(merged, tokenizer, masks, out / "model")
+        print(f"[dlp] merged model exported to {out / 'model'} (max |Δlogit| {check.max_logit_diff})")
+    evaluation = read_json(out / "eval.json") or _evaluate_export(out / "model", masks, eval_args, prune_args)
+    report = _final_report(model_args, prune_args, eval_args, ft_args, sft_args, prune_report, merge_info,
+                           evaluation, read_json(out / "adapter" / "training_log.json"))
+    write_finetune_report(out, out / "model", report)
+    return report
+
+
+def _evaluate_export(model_dir: Path, masks: MaskSet, eval_args: EvalArguments, prune_args: PruneArguments) -> dict:
+    """Reload the export with plain transformers (no dlp code involved) and measure it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ppl = perplexity(model, tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
+                     max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
+                     device=resolve_device(prune_args.device))
+    print(f"[dlp] fine-tuned perplexity {ppl}")
+    evaluation = {"perplexity": ppl.to_dict(), "reloaded_violations": masks.violations(model),
+                  "masks_digest": masks.digest()}
+    atomic_write_json(model_dir.parent / "eval.json", evaluation)
+    return evaluation
+
+
+def _final_report(model_args, prune_args, eval_args, ft_args, sft_args, prune_report: dict, merge_info: dict,
+                  evaluation: dict, training_log: dict) -> dict[str, Any]:
+    training = {name: getattr(sft_args, name, None) for name in TRAINING_FIELDS}
+    lora = {name: getattr(model_args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                                                          "use_rslora")}
+    return {
+        "model": prune_report["model"],
+        "config": {**prune_report["config"], **asdict(eval_args), **asdict(ft_args), "lora": lora,
+                   "training": {k: str(v) if not isinstance(v, (int, float, bool, type(None))) else v
+                                for k, v in training.items()}},
+        "perplexity": {**prune_report["perplexity"], "finetuned": evaluation["perplexity"]},
+        "sparsity": prune_report["sparsity"],
+        "layer_sparsity": prune_report["layer_sparsity"],
+        "masks_digest": evaluation["masks_digest"],
+        "calibration_sha256": prune_report["calibration_sha256"],
+        "merge": merge_info,
+        "export": {"reloaded_violations": evaluation["reloaded_violations"]},
+        "training": {key: training_log[key] for key in ("global_steps", "tokens_seen", "train_seconds", "resumed_from")},
+        "log_history": training_log["log_history"],
+        "timings": {**prune_report["timings"], "train_s": training_log["train_seconds"],
+                    "merge_s": merge_info["seconds"], "eval_finetuned_s": evaluation["perplexity"]["seconds"]},
+    }

@@ -1,0 +1,37 @@
+"""Prune a causal LM, fine-tune mask-exact LoRA adapters on the fixed masks, merge, export and evaluate.
+
+    accelerate launch train/prune_lora.py --config recipes/smollm2-135m/dlp_wanda_70_lora.yaml [--field value ...]
+    accelerate launch --config_file accelerate_configs/ddp.yaml train/prune_lora.py --config ...
+
+Every stage resumes: rerun the same command after an interruption. ``--overwrite true`` starts over.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
+
+from trl import ModelConfig, SFTConfig  # noqa: E402
+
+from dlp.cli import run_cli  # noqa: E402
+from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, parse_config  # noqa: E402
+from dlp.modeling import DEMO_MODEL  # noqa: E402
+from dlp.pipeline import run_prune_lora  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, prune_args, eval_args, ft_args, sft_args = parse_config(
+        [ModelConfig, PruneArguments, EvalArguments, FinetuneArguments, SFTConfig], argv)
+    model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
+    report = run_prune_lora(model_args, prune_args, eval_args, ft_args, sft_args)
+    ppl = {name: entry["value"] if entry else float("nan") for name, entry in report["perplexity"].items()}
+    print(f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity dense {ppl.get('dense', float('nan')):.2f}"
+          f" → pruned {ppl['pruned']:.2f} → fine-tuned {ppl['finetuned']:.2f}")
+    print(f"[dlp] results in {sft_args.output_dir}: model/ (merged, loads with transformers), report.json, summary.md")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)
