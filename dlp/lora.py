@@ -114,6 +114,8 @@ def attach_masks(model: nn.Module, masks: MaskSet) -> int:
         weight = layer.get_base_layer().weight
         if tuple(mask.shape) != tuple(weight.shape):
             raise DlpError(f"lora: mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
+        require(isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point,
+                f"lora: {name} has a quantized base weight; mask-exact LoRA needs a floating-point base here")
         layer.__class__ = masked_class(type(layer))
         layer.dlp_mask = mask.to(device=weight.device, dtype=torch.bool)
         converted += 1

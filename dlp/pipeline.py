@@ -16,6 +16,7 @@ Under ``accelerate launch`` with several processes, pruning, merging and evaluat
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from .config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments
 from .data import load_training_windows
-from .errors import require
+from .errors import DlpError, require
 from .evaluate import perplexity
 from .finetune import check_lora_args, masked_lora_model, train
 from .io import atomic_write_json, read_json
@@ -46,7 +47,7 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     """Run (or resume) the whole pipeline into ``sft_args.output_dir``; return the final report."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState()  # already set up by the training arguments (see runtime.use_cpu_without_accelerator)
     out = Path(sft_args.output_dir)
     require(ft_args.train_data != eval_args.eval_data, "train_data must not be the evaluation text (eval_data)")
     require(sft_args.max_length is not None and sft_args.max_length >= 2, "max_length must be >= 2 (tokens per training window)")
@@ -58,6 +59,7 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     if finished is not None:
         print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
         return finished
+    _claim_output_dir(out, _recipe(model_args, prune_args, eval_args, ft_args, sft_args), state)
 
     prune_dir, prune_report = _prune_stage(model_args, prune_args, eval_args, ft_args, sft_args.seed, out, state)
     masks = MaskSet.load(prune_dir / "masks.safetensors")
@@ -69,6 +71,27 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     return read_json(out / "report.json")
 
 
+def _recipe(model_args, prune_args, eval_args, ft_args, sft_args) -> dict[str, Any]:
+    """Everything that shapes the run's artifacts (not where they go, nor whether to start over)."""
+    recipe = {"model": asdict(model_args), "prune": asdict(prune_args), "eval": asdict(eval_args),
+              "finetune": {k: v for k, v in asdict(ft_args).items() if k != "overwrite"},
+              "training": {name: getattr(sft_args, name, None) for name in TRAINING_FIELDS}}
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def _claim_output_dir(out: Path, recipe: dict[str, Any], state) -> None:
+    """Resuming is only safe with the same recipe: a changed one would silently reuse stale stages."""
+    saved = read_json(out / "recipe.json")
+    if saved is not None and saved != recipe:
+        changed = [f"{key}: {saved[group].get(key)!r} → {value!r}" for group, fields in recipe.items()
+                   for key, value in fields.items() if saved.get(group, {}).get(key) != value]
+        raise DlpError(f"output_dir {out} holds a run of another recipe ({'; '.join(changed[:3])}); "
+                       "rerun with --overwrite true or choose another output_dir")
+    if saved is None and state.is_main_process:
+        atomic_write_json(out / "recipe.json", recipe)
+    state.wait_for_everyone()
+
+
 def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Path, state) -> tuple[Path, dict]:
     """Prune on the main process only; the other processes wait, then read its finished report."""
     if ft_args.prune_dir:
@@ -78,9 +101,11 @@ def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Pat
                 f"prune_dir: {prune_dir} is not a finished train/prune.py run (report.json and model/ are needed)")
         return prune_dir, report
     prune_dir = out / "prune"
-    with state.main_process_first():  # the main process prunes; the others find report.json and return at once
-        report = run_prune(model_args, prune_args, eval_args, RunArguments(str(prune_dir), seed, False, True))
-    return prune_dir, report
+    if state.is_main_process:
+        run_args = RunArguments(output_dir=str(prune_dir), seed=seed, overwrite=False, save_model=True)
+        run_prune(model_args, prune_args, eval_args, run_args)
+    state.wait_for_everyone()  # the others wait for the main process's finished report
+    return prune_dir, read_json(prune_dir / "report.json")
 
 
 def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet, out: Path, state) -> None:

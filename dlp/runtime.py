@@ -7,6 +7,7 @@ microcoded and can slow matmuls several times over, so dlp flushes denormals to 
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -29,3 +30,26 @@ def setup(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)
+
+
+def use_cpu_without_accelerator() -> None:
+    """On a machine without GPUs, set up CPU processes properly *before* any training arguments are built.
+
+    ``accelerate launch`` with a DDP config starts N processes, but without ``ACCELERATE_USE_CPU`` each process
+    sees no GPU and decides it runs alone, so N copies of the whole job run side by side. With it they form one
+    gloo process group. The training arguments set up the process state as they are parsed, hence "before".
+    ``accelerate launch`` also sets ``OMP_NUM_THREADS=1`` in every process, which halves a 2-core machine's
+    speed even with one process; dlp gives each process its share of the cores instead.
+    """
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if has_accelerator:
+        return
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if launched_by_accelerate and os.environ.get("OMP_NUM_THREADS") == "1":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if threads > 1:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+            print(f"[dlp] accelerate launch set OMP_NUM_THREADS=1; using {threads} threads per process on CPU")

@@ -155,6 +155,18 @@ def test_two_process_ddp_run_end_to_end(reference_run, tiny_model_dir, tmp_path)
     assert all((weights[f"{n}.weight"][~k] == 0).all() for n, k in masks.masks.items())
 
 
+def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
+    """A partial run of one recipe must not be finished with another's settings (stale masks or adapter)."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "recipe.json").write_text((reference_run / "recipe.json").read_text())
+    recipe = reference_run.parent / "recipe.yaml"
+    result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(partial),
+                  "--learning_rate", "0.005"])
+    assert result.returncode == 2 and "holds a run of another recipe (learning_rate: 0.002 → 0.005)" in result.stderr
+    assert sorted(p.name for p in partial.iterdir()) == ["recipe.json"]
+
+
 @pytest.mark.parametrize("override, message", [
     (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
     (["--use_dora", "true"], "use_dora must be false"),

@@ -19,9 +19,11 @@ from dlp.cli import run_cli  # noqa: E402
 from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.pipeline import run_prune_lora  # noqa: E402
+from dlp.runtime import use_cpu_without_accelerator  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
+    use_cpu_without_accelerator()
     model_args, prune_args, eval_args, ft_args, sft_args = parse_config(
         [ModelConfig, PruneArguments, EvalArguments, FinetuneArguments, SFTConfig], argv)
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
