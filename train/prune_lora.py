@@ -28,9 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
         [ModelConfig, PruneArguments, EvalArguments, FinetuneArguments, SFTConfig], argv)
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
     report = run_prune_lora(model_args, prune_args, eval_args, ft_args, sft_args)
-    ppl = {name: entry["value"] if entry else float("nan") for name, entry in report["perplexity"].items()}
-    print(f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity dense {ppl.get('dense', float('nan')):.2f}"
-          f" → pruned {ppl['pruned']:.2f} → fine-tuned {ppl['finetuned']:.2f}")
+    ppl = " → ".join(f"{name} {entry['value']:.2f}" for name, entry in report["perplexity"].items() if entry)
+    print(f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity {ppl}")
     print(f"[dlp] results in {sft_args.output_dir}: model/ (merged, loads with transformers), report.json, summary.md")
     return report
 
