@@ -93,7 +93,6 @@ def train(peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args
     """Train with ``SFTTrainer``; ``sft_args.output_dir`` holds the checkpoints and is resumed from."""
     from trl import SFTTrainer
 
-    require(sft_args.max_length is not None and sft_args.max_length >= 2, "max_length must be >= 2 (tokens per training window)")
     if tokenizer.pad_token is None:  # windows are all full, but the collator insists on a pad id
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     dataset = training_dataset(tokenizer, ft_args, sft_args.max_length)

@@ -75,8 +75,13 @@ def _recipe(model_args, prune_args, eval_args, ft_args, sft_args) -> dict[str, A
     """Everything that shapes the run's artifacts (not where they go, nor whether to start over)."""
     recipe = {"model": asdict(model_args), "prune": asdict(prune_args), "eval": asdict(eval_args),
               "finetune": {k: v for k, v in asdict(ft_args).items() if k != "overwrite"},
-              "training": {name: getattr(sft_args, name, None) for name in TRAINING_FIELDS}}
+              "training": _training_settings(sft_args)}
     return json.loads(json.dumps(recipe, default=str))
+
+
+def _training_settings(sft_args) -> dict[str, Any]:
+    """The trainer settings worth recording, as JSON values (enums such as the scheduler type become strings)."""
+    return {name: json.loads(json.dumps(getattr(sft_args, name, None), default=str)) for name in TRAINING_FIELDS}
 
 
 def _claim_output_dir(out: Path, recipe: dict[str, Any], state) -> None:
@@ -111,7 +116,6 @@ def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Pat
 def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet, out: Path, state) -> None:
     model, tokenizer = load_model_and_tokenizer(str(prune_dir / "model"), model_args.dtype or "float32",
                                                 model_args.attn_implementation or "sdpa")
-    masks.check_matches(model)
     peft_model = masked_lora_model(model, masks, model_args)
     if state.is_main_process:
         peft_model.print_trainable_parameters()
@@ -172,14 +176,12 @@ def _evaluate_export(model_dir: Path, masks: MaskSet, eval_args: EvalArguments, 
 
 def _final_report(model_args, prune_args, eval_args, ft_args, sft_args, prune_report: dict, merge_info: dict,
                   evaluation: dict, training_log: dict) -> dict[str, Any]:
-    training = {name: getattr(sft_args, name, None) for name in TRAINING_FIELDS}
     lora = {name: getattr(model_args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                                                           "use_rslora")}
     return {
         "model": prune_report["model"],
         "config": {**prune_report["config"], **asdict(eval_args), **asdict(ft_args), "lora": lora,
-                   "training": {k: str(v) if not isinstance(v, (int, float, bool, type(None))) else v
-                                for k, v in training.items()}},
+                   "training": _training_settings(sft_args)},
         "perplexity": {**prune_report["perplexity"], "finetuned": evaluation["perplexity"]},
         "sparsity": prune_report["sparsity"],
         "layer_sparsity": prune_report["layer_sparsity"],

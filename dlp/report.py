@@ -66,6 +66,20 @@ def _fmt_ppl(entry: dict | None) -> str:
     return "—" if not entry else f"{entry['value']:.2f}"
 
 
+def _layer_table(report: dict[str, Any]) -> list[str]:
+    """Allocated vs measured sparsity per layer, and the bar chart, as Markdown lines."""
+    lines = ["| layer | allocated | measured |", "|---|---|---|"]
+    for index, (alloc, meas) in enumerate(zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])):
+        lines.append(f"| {index} | {100 * alloc:.2f}% | {100 * meas:.2f}% |")
+    return lines + ["", "![per-layer sparsity](sparsity.png)", ""]
+
+
+def _plot_report_sparsity(path: Path, report: dict[str, Any]) -> Path:
+    cfg = report["config"]
+    return plot_layer_sparsity(path, report["layer_sparsity"]["measured"], cfg["sparsity"],
+                               f"{cfg['allocation']} + {cfg['criterion']}: per-layer sparsity")
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     ppl = report.get("perplexity", {})
@@ -90,16 +104,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
     ]
     if any_ppl:
         lines += [f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.", ""]
-    lines += ["| layer | allocated | measured |", "|---|---|---|"]
-    for index, (alloc, meas) in enumerate(zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])):
-        lines.append(f"| {index} | {100 * alloc:.2f}% | {100 * meas:.2f}% |")
-    lines += ["", "![per-layer sparsity](sparsity.png)", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _layer_table(report))
 
 
 def write_report(output_dir: Path, report: dict[str, Any]) -> None:
-    plot_layer_sparsity(output_dir / "sparsity.png", report["layer_sparsity"]["measured"], report["config"]["sparsity"],
-                        f"{report['config']['allocation']} + {report['config']['criterion']}: per-layer sparsity")
+    _plot_report_sparsity(output_dir / "sparsity.png", report)
     atomic_write_text(output_dir / "summary.md", summary_markdown(report))
     atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
 
@@ -146,13 +155,8 @@ def finetune_markdown(report: dict[str, Any]) -> str:
         "",
         "![training loss](loss.png)",
         "",
-        "| layer | allocated | measured |",
-        "|---|---|---|",
     ]
-    for index, (alloc, meas) in enumerate(zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])):
-        lines.append(f"| {index} | {100 * alloc:.2f}% | {100 * meas:.2f}% |")
-    lines += ["", "![per-layer sparsity](sparsity.png)", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _layer_table(report))
 
 
 def write_finetune_report(output_dir: Path, model_dir: Path, report: dict[str, Any]) -> None:
@@ -160,10 +164,10 @@ def write_finetune_report(output_dir: Path, model_dir: Path, report: dict[str, A
     steps = [e["step"] for e in report["log_history"] if "loss" in e]
     losses = [e["loss"] for e in report["log_history"] if "loss" in e]
     card = finetune_markdown(report)
-    for directory in (output_dir, model_dir):
-        plot_layer_sparsity(directory / "sparsity.png", report["layer_sparsity"]["measured"], report["config"]["sparsity"],
-                            f"{report['config']['allocation']} + {report['config']['criterion']}: per-layer sparsity")
-        plot_loss(directory / "loss.png", steps, losses, "mask-exact LoRA: training loss")
+    plots = [_plot_report_sparsity(output_dir / "sparsity.png", report),
+             plot_loss(output_dir / "loss.png", steps, losses, "mask-exact LoRA: training loss")]
+    for plot in plots:  # the card in model/ shows the same images: copy them rather than draw them twice
+        atomic_write_bytes(model_dir / plot.name, plot.read_bytes())
     atomic_write_text(model_dir / "README.md", card)
     atomic_write_text(output_dir / "summary.md", card)
     atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
