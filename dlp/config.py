@@ -17,6 +17,9 @@ from .layerwise import CRITERIA, MODES
 from .prune import parse_pattern
 
 
+MERGE_BASES = ("full", "dequantized")
+
+
 def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(allowed)} (got {value!r})")
 
@@ -119,10 +122,16 @@ class FinetuneArguments:
         "help": "Reuse a finished train/prune.py run (its masks.safetensors and model/) instead of pruning again."})
     check_merge: bool = field(default=True, metadata={
         "help": "After merging, compare the merged model's logits with the adapter model's on a few windows."})
+    merge_base: str = field(default="full", metadata={
+        "help": f"4-bit (load_in_4bit) runs: merge into the full-precision pruned weights (full, recommended) or "
+                f"into the dequantized 4-bit weights the adapter was trained on (dequantized). One of {', '.join(MERGE_BASES)}."})
+    export_4bit: bool = field(default=False, metadata={
+        "help": "Also write model-4bit/: the merged sparse model re-quantized to 4-bit (bnb_4bit_* fields)."})
     overwrite: bool = field(default=False, metadata={"help": "Start over even if output_dir holds a (partial) run."})
 
     def __post_init__(self) -> None:
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
+        _choice("merge_base", self.merge_base, MERGE_BASES)
 
 
 @dataclass
@@ -135,11 +144,20 @@ class RunArguments:
     save_model: bool = field(default=True, metadata={"help": "Save the pruned model (safetensors) besides the masks."})
 
 
-def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
-    """Parse ``--config recipe.yaml`` plus CLI overrides into the given dataclasses (user errors: DlpError)."""
+def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
+                 defaults: Sequence[str] = ()) -> tuple:
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the given dataclasses (user errors: DlpError).
+
+    ``defaults`` are ``--field value`` pairs applied unless the command line sets the field itself.
+    """
+    import sys
+
     from trl import TrlParser
 
-    argv = list(argv) if argv is not None else None
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    for flag, value in zip(defaults[::2], defaults[1::2]):
+        if flag not in argv:
+            argv += [flag, value]
     parser = TrlParser(list(dataclass_types))
     try:
         return parser.parse_args_and_config(args=argv)

@@ -10,8 +10,15 @@ bit, and every pruned weight is exactly 0 at every step and after the merge.
 
 Cost: building ``W_eff`` and running one ``F.linear`` replaces peft's base matmul plus two rank-r matmuls; the
 gradients of A and B need ``(dY^T X) ⊙ M``, one extra weight-sized matmul per Linear (measured by
-``benchmarks/lora_step.py``). Dropout on the adapter input (``lora_dropout > 0``) forces a second weight-sized
-matmul in forward and backward, so mask-exact recipes use ``lora_dropout: 0``.
+``benchmarks/lora_step.py``). Backward rebuilds ``W_eff`` instead of keeping it, so training holds no dense copy
+of any weight between forward and backward: that is what lets a 4-bit base (QLoRA) stay 4-bit in memory, the
+base being dequantized one Linear at a time. Masks live on the device bit-packed (1 bit per weight). Dropout on
+the adapter input (``lora_dropout > 0``) forces a second weight-sized matmul in forward and backward, so
+mask-exact recipes use ``lora_dropout: 0``.
+
+Under DeepSpeed ZeRO-3 the layer reads its base and adapter weights outside their modules' own ``forward``, so
+:func:`attach_masks` registers them as external parameters of the wrapper: ZeRO-3 then gathers them around the
+wrapper's forward and backward, and the masks apply to the gathered (full) weights.
 
 How it hooks in: peft builds its usual ``lora.Linear`` wrappers; :func:`attach_masks` turns each wrapper of a
 masked Linear into :class:`MaskedLoraLinear` (a subclass that only overrides ``forward`` and
@@ -27,32 +34,93 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import zero3_enabled
 from .errors import DlpError, require
 from .masks import MaskSet
+from .weights import dense_weight, full_shape, is_quantized
 
 PEFT_PREFIX = "base_model.model."
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [out, in] → uint8 [out, ceil(in / 8)], most significant bit first (8× smaller on the device)."""
+    out_features, in_features = mask.shape
+    padded = F.pad(mask.to(torch.uint8), (0, (-in_features) % 8)).view(out_features, -1, 8)
+    return (padded << _BIT_SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of :func:`pack_mask`."""
+    unpacked = (bits.unsqueeze(-1) >> _BIT_SHIFTS.to(bits.device)) & 1
+    return unpacked.view(bits.shape[0], -1)[:, :in_features].bool()
+
+
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+class _MaskedLoraLinear(torch.autograd.Function):
+    """``y = x·W_effᵀ + b`` with ``W_eff = W + s·(B·A) ⊙ M``; saves ``x``, ``A`` and ``B`` and rebuilds ``W_eff``
+    in backward, so no weight-sized tensor is kept per Linear between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, layer: "MaskedLoraMixin",
+                adapter: str) -> torch.Tensor:
+        ctx.save_for_backward(x, lora_a, lora_b)
+        ctx.layer, ctx.adapter = layer, adapter
+        return F.linear(x, layer.effective_weight([adapter], x.dtype), layer.base_bias())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, lora_a, lora_b = ctx.saved_tensors
+        layer, adapter = ctx.layer, ctx.adapter
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ layer.effective_weight([adapter], grad_out.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)  # dL/dW_eff, [out, in]
+            grad_delta = (grad_weight * layer.keep_mask(grad_weight.device)).to(lora_a.dtype) * layer.scaling[adapter]
+            grad_b = grad_delta @ lora_a.t()
+            grad_a = lora_b.t() @ grad_delta
+        return grad_x, grad_a, grad_b, None, None
 
 
 class MaskedLoraMixin:
     """Overrides of a peft LoRA layer that confine every adapter's delta to the layer's keep-mask."""
 
-    dlp_mask: torch.Tensor  # bool [out, in], True = keep; a plain attribute, so DDP never broadcasts it
+    dlp_mask_bits: torch.Tensor  # uint8 [out, ceil(in/8)]: a plain attribute, so DDP never broadcasts it
+    dlp_in_features: int
 
-    def _mask_like(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.dlp_mask.device != tensor.device:
-            self.dlp_mask = self.dlp_mask.to(tensor.device)
-        return self.dlp_mask
+    def keep_mask(self, device: torch.device) -> torch.Tensor:
+        """The bool keep-mask [out, in] (True = keep), unpacked on ``device`` for the duration of one use."""
+        if self.dlp_mask_bits.device != device:
+            self.dlp_mask_bits = self.dlp_mask_bits.to(device)
+        return unpack_mask(self.dlp_mask_bits, self.dlp_in_features)
 
-    def _base_weight(self) -> torch.Tensor:
-        return self.get_base_layer().weight
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: the base weight's, or a 4-bit base's compute dtype."""
+        base = self.get_base_layer()
+        if is_quantized(base.weight):
+            return getattr(base, "compute_dtype", None) or base.weight.quant_state.dtype
+        return base.weight.dtype
+
+    def base_bias(self) -> torch.Tensor | None:
+        bias = self.get_base_layer().bias
+        return None if bias is None else bias.to(self.compute_dtype())
 
     def masked_delta(self, adapter: str, dtype: torch.dtype) -> torch.Tensor:
         """``s·(B·A) ⊙ M`` in ``dtype``: the one expression used by forward and merge, so they agree exactly."""
         delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
-        return (delta * self._mask_like(delta)).to(dtype)
+        return (delta * self.keep_mask(delta.device)).to(dtype)
+
+    def effective_weight(self, adapters: list[str], dtype: torch.dtype) -> torch.Tensor:
+        """``W + Σ s·(B·A) ⊙ M`` in ``dtype``; a 4-bit ``W`` is dequantized here, one Linear at a time."""
+        weight = dense_weight(self.get_base_layer().weight, dtype)
+        for adapter in adapters:
+            weight = weight + self.masked_delta(adapter, dtype)
+        return weight
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:  # called by peft's merge/unmerge
-        return self.masked_delta(adapter, self._base_weight().dtype)
+        return self.masked_delta(adapter, self.compute_dtype())
 
     def _adapters_in_use(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.lora_A]
@@ -61,16 +129,18 @@ class MaskedLoraMixin:
         adapters = self._adapters_in_use()
         if self.disable_adapters or self.merged or not adapters or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)  # peft's paths for these cases never add an unmasked delta
-        weight = self._base_weight()
+        input_dtype, dtype = x.dtype, self.compute_dtype()
+        x = x.to(dtype)
         dropped = [a for a in adapters if self.training and not isinstance(self.lora_dropout[a], nn.Identity)]
-        x = x.to(weight.dtype)
-        for adapter in adapters:
-            if adapter not in dropped:
-                weight = weight + self.masked_delta(adapter, weight.dtype)
-        result = F.linear(x, weight, self.get_base_layer().bias)
-        for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
-            result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, weight.dtype))
-        return result
+        if len(adapters) == 1 and not dropped:
+            adapter = adapters[0]
+            result = _MaskedLoraLinear.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self, adapter)
+        else:  # several adapters or dropout: plain autograd (keeps W_eff for backward)
+            result = F.linear(x, self.effective_weight([a for a in adapters if a not in dropped], dtype), self.base_bias())
+            for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
+                result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, dtype))
+        return result.to(input_dtype)
+
 
 
 _MASKED_CLASSES: dict[type, type] = {}
@@ -100,27 +170,42 @@ def attach_masks(model: nn.Module, masks: MaskSet) -> int:
     """Make every LoRA layer of a pruned Linear mask-exact. Returns how many layers were converted.
 
     LoRA layers of Linears that were not pruned (no mask) stay plain peft layers. The base weights must already
-    be zero off the mask (a pruned model loaded from disk is); that is checked, not assumed.
+    be zero off the mask (a pruned model loaded from disk is; see :meth:`MaskSet.violations`). Under ZeRO-3 the
+    weights the layer reads are registered as external parameters of the wrapper, so they are gathered for it.
     """
     layers = lora_layers(model)
     require(layers, "lora: the model has no LoRA layers (check lora_target_modules)")
+    zero3 = zero3_enabled()
     converted = 0
     for name, layer in layers.items():
         if name not in masks.masks:
             continue
         require(not getattr(layer, "fan_in_fan_out", False), f"lora: {name} stores its weight transposed (Conv1D); "
                 "mask-exact LoRA supports nn.Linear layers")
-        mask = masks.masks[name]
-        weight = layer.get_base_layer().weight
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise DlpError(f"lora: mask for {name} has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}")
-        require(isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point,
-                f"lora: {name} has a quantized base weight; mask-exact LoRA needs a floating-point base here")
+        mask, weight = masks.masks[name], layer.get_base_layer().weight
+        if tuple(mask.shape) != full_shape(weight):
+            raise DlpError(f"lora: mask for {name} has shape {tuple(mask.shape)}, the weight {full_shape(weight)}")
+        require(is_quantized(weight) or weight.dtype.is_floating_point,
+                f"lora: {name} has a {weight.dtype} base weight; mask-exact LoRA needs a floating-point or 4-bit base")
         layer.__class__ = masked_class(type(layer))
-        layer.dlp_mask = mask.to(device=weight.device, dtype=torch.bool)
+        layer.dlp_mask_bits = pack_mask(mask.to(device=weight.device, dtype=torch.bool))
+        layer.dlp_in_features = mask.shape[1]
+        if zero3:
+            _register_external_weights(layer)
         converted += 1
     require(converted > 0, "lora: no LoRA layer wraps a pruned Linear (lora_target_modules and the masks do not meet)")
     return converted
+
+
+def _register_external_weights(layer: nn.Module) -> None:
+    from deepspeed import zero
+
+    registered = {id(p) for p in getattr(layer, "_external_params", {}).values()}
+    weights = [layer.get_base_layer().weight]
+    weights += [module.weight for adapters in (layer.lora_A, layer.lora_B) for module in adapters.values()]
+    for weight in weights:
+        if id(weight) not in registered:
+            zero.register_external_parameter(layer, weight)
 
 
 def masked_lora_layers(model: nn.Module) -> dict[str, nn.Module]:

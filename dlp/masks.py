@@ -23,6 +23,7 @@ from torch import nn
 from .errors import DlpError, require
 from .io import atomic_file
 from .modeling import prunable_linears
+from .weights import dense_weight, full_shape, gathered
 
 FORMAT = "dlp-masks/1"
 
@@ -77,7 +78,7 @@ class MaskSet:
         require(not missing, f"masks: the model has no modules {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                              f"were the masks made for {self.metadata.get('model', 'another model')}?")
         for name, mask in self.masks.items():
-            shape = tuple(linears[name].weight.shape)
+            shape = full_shape(linears[name].weight)
             require(tuple(mask.shape) == shape, f"masks: {name} has shape {shape} in the model but {tuple(mask.shape)} in the masks")
         return {name: linears[name] for name in self.masks}
 
@@ -89,10 +90,14 @@ class MaskSet:
 
     @torch.no_grad()
     def violations(self, model: nn.Module) -> int:
-        """How many masked-out weights of ``model`` are not exactly zero (0 means the model obeys the masks)."""
+        """How many masked-out weights of ``model`` are not exactly zero (0 means the model obeys the masks).
+
+        A 4-bit weight is checked dequantized; ZeRO-3 shards are gathered one Linear at a time (a collective)."""
         count = 0
         for name, linear in self.check_matches(model).items():
-            count += int((linear.weight[~self.masks[name].to(linear.weight.device)] != 0).sum())
+            with gathered([linear.weight]):
+                weight = dense_weight(linear.weight)
+                count += int((weight[~self.masks[name].to(weight.device)] != 0).sum())
         return count
 
     def sparsity_report(self) -> dict[str, Any]:

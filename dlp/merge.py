@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import require
-from .io import atomic_dir
+from .io import atomic_dir, read_json
 from .lora import attach_masks
 from .masks import MaskSet
 from .modeling import load_model_and_tokenizer
@@ -49,18 +49,42 @@ def merge_masked(peft_model: nn.Module, masks: MaskSet, probe_ids: torch.Tensor 
     diff = float((_logits(merged, probe_ids) - before).abs().max()) if before is not None else None
     check = MergeCheck(masks.violations(merged), diff, layers)
     require(check.violations == 0, f"merge: {check.violations} pruned weights are not zero after merging")  # pragma: no cover
-    require(diff is None or diff <= MERGE_TOLERANCE,
-            f"merge: merged logits differ from the adapter model's by {diff:.3g} (> {MERGE_TOLERANCE})")
+    if diff is not None:
+        require(diff <= MERGE_TOLERANCE, f"merge: merged logits differ from the adapter model's by {diff:.3g} "
+                f"(> {MERGE_TOLERANCE})")
     return merged, check
 
 
-def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: MaskSet, dtype: str = "float32"):
+QUANTIZATION_FILE = "quantization.json"  # in an adapter directory: the 4-bit config its base was trained in
+
+
+def load_base(base_dir: str | Path, dtype: str = "float32", merge_base: str = "full", quantization: dict | None = None):
+    """(pruned base, tokenizer) to merge into.
+
+    ``full``: the full-precision pruned weights. ``dequantized``: the same weights quantized with the 4-bit
+    config the adapter was trained on and dequantized again, i.e. exactly the base the adapter saw in training.
+    """
+    config = None
+    if merge_base == "dequantized":
+        require(quantization is not None, "merge_base: dequantized needs an adapter trained on a 4-bit base "
+                f"(its directory holds {QUANTIZATION_FILE}); use merge_base full")
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig.from_dict(dict(quantization))
+    base, tokenizer = load_model_and_tokenizer(str(base_dir), dtype, "sdpa", quantization_config=config)
+    if config is not None:
+        base = base.dequantize()  # bit-identical to the dequantization the masked layers did in training
+    return base, tokenizer
+
+
+def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: MaskSet, dtype: str = "float32",
+                       merge_base: str = "full"):
     """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     require((adapter_dir / "adapter_config.json").is_file(), f"adapter_dir: no adapter_config.json in {adapter_dir}")
-    base, tokenizer = load_model_and_tokenizer(str(base_dir), dtype, "sdpa")
+    base, tokenizer = load_base(base_dir, dtype, merge_base, read_json(adapter_dir / QUANTIZATION_FILE))
     require(masks.violations(base) == 0, f"base: {base_dir} has nonzero weights where the masks prune; "
             "is it the pruned model these masks were made for?")
     model = PeftModel.from_pretrained(base, str(adapter_dir))
@@ -76,3 +100,13 @@ def export_model(model: nn.Module, tokenizer, masks: MaskSet, target: str | Path
         tokenizer.save_pretrained(tmp)
         masks.save(Path(tmp) / "masks.safetensors")
     return target
+
+
+def export_quantized(model_dir: str | Path, target: str | Path, masks: MaskSet, quantization) -> int:
+    """Re-quantize an exported merged model to 4-bit into ``target`` (atomically); returns the pruned weights
+    that are not zero after dequantizing it again (0: the 4-bit codes keep every pruned weight at exactly 0)."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), "float32", "sdpa", quantization_config=quantization)
+    violations = masks.violations(model)
+    require(violations == 0, f"export_4bit: {violations} pruned weights are not zero after 4-bit quantization")
+    export_model(model, tokenizer, masks, target)
+    return violations

@@ -85,14 +85,20 @@ def resolve_model_dir(model: str) -> str:
     return str(target)
 
 
-def load_model_and_tokenizer(model: str, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa"):
-    """Load a causal LM and its tokenizer for pruning; the model stays on CPU (the sweep moves layers)."""
+def load_model_and_tokenizer(model: str, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa",
+                             quantization_config=None):
+    """Load a causal LM and its tokenizer; the model stays on CPU (the sweep moves layers), except that a 4-bit
+    model (``quantization_config``) is quantized straight onto this process's GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(model)
     kwargs = {"dtype": resolve_dtype(torch_dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)

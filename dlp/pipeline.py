@@ -11,7 +11,12 @@ Layout of ``output_dir`` (each artifact is written atomically; its presence mark
   ``report.json`` comes last and marks the whole run finished.
 
 Under ``accelerate launch`` with several processes, pruning, merging and evaluation run on the main process
-(the others wait at a barrier and then load its results); training runs on every process.
+(the others wait at a barrier and then load its results); training runs on every process (DDP, or DeepSpeed
+ZeRO-2/3, whose partitioned loading keeps a large base from ever being whole on one rank), and every rank checks
+that it holds the same masks before it trains.
+
+A ``load_in_4bit`` recipe trains the adapter on the pruned base quantized to 4-bit (QLoRA); ``merge_base`` picks
+what it is merged into, and ``export_4bit`` adds ``model-4bit/``, the merged model re-quantized.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from typing import Any
 
 from .config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments
 from .data import load_training_windows
+from .distributed import check_same_masks, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
 from .evaluate import perplexity
 from .finetune import check_lora_args, masked_lora_model, train
 from .io import atomic_write_json, read_json
 from .masks import MaskSet
-from .merge import export_model, load_adapter_model, merge_masked
+from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
 from .modeling import load_model_and_tokenizer
+from .quantize import bnb_config, check_quantization_args
 from .report import write_finetune_report
 from .run_prune import run_prune
 from .runtime import resolve_device
@@ -52,6 +59,11 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     require(ft_args.train_data != eval_args.eval_data, "train_data must not be the evaluation text (eval_data)")
     require(sft_args.max_length is not None and sft_args.max_length >= 2, "max_length must be >= 2 (tokens per training window)")
     check_lora_args(model_args)
+    check_quantization_args(model_args)
+    require(ft_args.merge_base == "full" or model_args.load_in_4bit,
+            "merge_base dequantized needs load_in_4bit: true (a full-precision base has nothing to dequantize)")
+    require(not (model_args.load_in_4bit and zero3_enabled()), "load_in_4bit is not supported under ZeRO-3 here; "
+            "train QLoRA with accelerate_configs/ddp.yaml or deepspeed_zero2.yaml")
     if ft_args.overwrite and state.is_main_process and out.exists():
         shutil.rmtree(out)
     state.wait_for_everyone()
@@ -63,10 +75,13 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
 
     prune_dir, prune_report = _prune_stage(model_args, prune_args, eval_args, ft_args, sft_args.seed, out, state)
     masks = MaskSet.load(prune_dir / "masks.safetensors")
+    check_same_masks(masks.digest(), state)
     if not (out / "adapter" / "adapter_config.json").is_file():
         _finetune_stage(model_args, ft_args, sft_args, prune_dir, masks, out, state)
     if state.is_main_process:
-        _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args, prune_dir, prune_report, masks, out)
+        with zero3_init_disabled():
+            _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args, prune_dir, prune_report,
+                                   masks, out)
     state.wait_for_everyone()
     return read_json(out / "report.json")
 
@@ -108,17 +123,28 @@ def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Pat
     prune_dir = out / "prune"
     if state.is_main_process:
         run_args = RunArguments(output_dir=str(prune_dir), seed=seed, overwrite=False, save_model=True)
-        run_prune(model_args, prune_args, eval_args, run_args)
+        with zero3_init_disabled():
+            run_prune(model_args, prune_args, eval_args, run_args)
     state.wait_for_everyone()  # the others wait for the main process's finished report
     return prune_dir, read_json(prune_dir / "report.json")
 
 
 def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet, out: Path, state) -> None:
+    quantization = bnb_config(model_args)
     model, tokenizer = load_model_and_tokenizer(str(prune_dir / "model"), model_args.dtype or "float32",
-                                                model_args.attn_implementation or "sdpa")
+                                                model_args.attn_implementation or "sdpa", quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(sft_args.activation_checkpointing))
     peft_model = masked_lora_model(model, masks, model_args)
     if state.is_main_process:
         peft_model.print_trainable_parameters()
+    if zero3_enabled():
+        shards = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+        held, total = sum(p.ds_tensor.numel() for p in shards), sum(p.ds_numel for p in shards)
+        print(f"[dlp] ZeRO-3: rank {state.process_index} holds {held:,} of {total:,} base weights "
+              f"({100 * held / max(total, 1):.0f}%)")
     run_dir = sft_args.output_dir
     sft_args.output_dir = str(out / "finetune")
     try:
@@ -129,6 +155,8 @@ def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskS
     trainer.save_model(str(staging))  # every process takes part (sharded engines gather); the main one writes
     if state.is_main_process:
         atomic_write_json(staging / "training_log.json", asdict(result))
+        if quantization is not None:  # what merge_base dequantized rebuilds the trained-on base from
+            atomic_write_json(staging / QUANTIZATION_FILE, quantization.to_dict())
         if (out / "adapter").exists():
             shutil.rmtree(out / "adapter")
         os.replace(staging, out / "adapter")
@@ -141,36 +169,55 @@ def _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args,
     merge_info = read_json(out / "merge.json")
     if merge_info is None or not (out / "model" / "config.json").is_file():
         start = time.perf_counter()
-        peft_model, tokenizer = load_adapter_model(prune_dir / "model", out / "adapter", masks, dtype)
+        peft_model, tokenizer = load_adapter_model(prune_dir / "model", out / "adapter", masks, dtype,
+                                                   ft_args.merge_base)
         probe = None
         if ft_args.check_merge:
             probe = load_training_windows(tokenizer, ft_args.train_data, min(128, sft_args.max_length),
                                           ft_args.train_split, max_windows=2)
         merged, check = merge_masked(peft_model, masks, probe)
-        merge_info = {**check.to_dict(), "seconds": time.perf_counter() - start}
+        merge_info = {**check.to_dict(), "merge_base": ft_args.merge_base, "seconds": time.perf_counter() - start}
         atomic_write_json(out / "merge.json", merge_info)
         export_model(merged, tokenizer, masks, out / "model")
         print(f"[dlp] merged model exported to {out / 'model'} (max |Δlogit| {check.max_logit_diff})")
-    evaluation = read_json(out / "eval.json") or _evaluate_export(out / "model", masks, eval_args, prune_args)
+    if ft_args.export_4bit and not (out / "model-4bit" / "config.json").is_file():
+        export_quantized(out / "model", out / "model-4bit", masks, bnb_config(model_args, always=True))
+        print(f"[dlp] 4-bit copy of the merged model exported to {out / 'model-4bit'}")
+    evaluation = read_json(out / "eval.json") or _evaluate_export(out, prune_dir, masks, model_args, eval_args,
+                                                                  prune_args, ft_args)
     report = _final_report(model_args, prune_args, eval_args, ft_args, sft_args, prune_report, merge_info,
                            evaluation, read_json(out / "adapter" / "training_log.json"))
     write_finetune_report(out, out / "model", report)
     return report
 
 
-def _evaluate_export(model_dir: Path, masks: MaskSet, eval_args: EvalArguments, prune_args: PruneArguments) -> dict:
-    """Reload the export with plain transformers (no dlp code involved) and measure it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet, model_args, eval_args: EvalArguments,
+                     prune_args: PruneArguments, ft_args: FinetuneArguments) -> dict:
+    """Reload the export with plain transformers (no dlp code involved) and measure it; in 4-bit runs also the
+    quantized pruned base (what training started from) and the 4-bit export."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ppl = perplexity(model, tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
-                     max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
-                     device=resolve_device(prune_args.device))
+    def measure(model_dir: Path, quantization=None):
+        extra = {"quantization_config": quantization} if quantization is not None else {}  # None would undo a
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", **extra)  # saved 4-bit config
+        return model.eval(), perplexity(model.eval(), tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
+                                        max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
+                                        device=resolve_device(prune_args.device))
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    model, ppl = measure(out / "model")
     print(f"[dlp] fine-tuned perplexity {ppl}")
-    evaluation = {"perplexity": ppl.to_dict(), "reloaded_violations": masks.violations(model),
-                  "masks_digest": masks.digest()}
-    atomic_write_json(model_dir.parent / "eval.json", evaluation)
+    evaluation = {"perplexity": {}, "reloaded_violations": masks.violations(model), "masks_digest": masks.digest()}
+    if model_args.load_in_4bit:
+        evaluation["perplexity"]["pruned_4bit"] = measure(prune_dir / "model", bnb_config(model_args))[1].to_dict()
+    evaluation["perplexity"]["finetuned"] = ppl.to_dict()
+    if ft_args.export_4bit:
+        model, ppl = measure(out / "model-4bit")
+        evaluation["perplexity"]["finetuned_4bit"] = ppl.to_dict()
+        evaluation["reloaded_violations_4bit"] = masks.violations(model)
+    atomic_write_json(out / "eval.json", evaluation)
     return evaluation
 
 
@@ -182,15 +229,16 @@ def _final_report(model_args, prune_args, eval_args, ft_args, sft_args, prune_re
         "model": prune_report["model"],
         "config": {**prune_report["config"], **asdict(eval_args), **asdict(ft_args), "lora": lora,
                    "training": _training_settings(sft_args)},
-        "perplexity": {**prune_report["perplexity"], "finetuned": evaluation["perplexity"]},
+        "perplexity": {**prune_report["perplexity"], **evaluation["perplexity"]},
         "sparsity": prune_report["sparsity"],
         "layer_sparsity": prune_report["layer_sparsity"],
         "masks_digest": evaluation["masks_digest"],
         "calibration_sha256": prune_report["calibration_sha256"],
         "merge": merge_info,
-        "export": {"reloaded_violations": evaluation["reloaded_violations"]},
+        "export": {key: value for key, value in evaluation.items() if key.startswith("reloaded_violations")},
+        "quantization": bnb_config(model_args).to_dict() if model_args.load_in_4bit else None,
         "training": {key: training_log[key] for key in ("global_steps", "tokens_seen", "train_seconds", "resumed_from")},
         "log_history": training_log["log_history"],
         "timings": {**prune_report["timings"], "train_s": training_log["train_seconds"],
-                    "merge_s": merge_info["seconds"], "eval_finetuned_s": evaluation["perplexity"]["seconds"]},
+                    "merge_s": merge_info["seconds"], "eval_finetuned_s": evaluation["perplexity"]["finetuned"]["seconds"]},
     }

@@ -116,7 +116,7 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> None:
 def finetune_markdown(report: dict[str, Any]) -> str:
     """The model card of a pruned + mask-exact-LoRA model (also the run's ``summary.md``)."""
     cfg, ppl, train, merge = report["config"], report["perplexity"], report["training"], report["merge"]
-    lora, hyper = cfg["lora"], cfg["training"]
+    lora, hyper, quant = cfg["lora"], cfg["training"], report.get("quantization")
     any_ppl = ppl["finetuned"]
     lines = [
         "---",
@@ -134,7 +134,11 @@ def finetune_markdown(report: dict[str, Any]) -> str:
         "|---|---|",
         f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
         f"| pruned | {_fmt_ppl(ppl.get('pruned'))} |",
-        f"| pruned + mask-exact LoRA (this model) | {_fmt_ppl(any_ppl)} |",
+        *([f"| pruned, 4-bit {quant['bnb_4bit_quant_type'].upper()} (the QLoRA base) | {_fmt_ppl(ppl['pruned_4bit'])} |"]
+          if "pruned_4bit" in ppl else []),
+        f"| pruned + mask-exact {'Q' if quant else ''}LoRA (this model) | {_fmt_ppl(any_ppl)} |",
+        *([f"| the same, re-quantized to 4-bit (`model-4bit/`) | {_fmt_ppl(ppl['finetuned_4bit'])} |"]
+          if "finetuned_4bit" in ppl else []),
         "",
         f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
         "",
@@ -148,6 +152,10 @@ def finetune_markdown(report: dict[str, Any]) -> str:
         f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
         f"lr {hyper['learning_rate']}, {train['train_seconds']:.0f} s"
         + (f" (resumed from `{Path(train['resumed_from']).name}`)" if train.get("resumed_from") else ""),
+        *([f"- QLoRA: trained on the pruned base quantized to 4-bit {quant['bnb_4bit_quant_type']} (double quant "
+           f"{quant['bnb_4bit_use_double_quant']}, compute {quant['bnb_4bit_compute_dtype']}); merged into the "
+           + ("full-precision pruned weights" if merge.get("merge_base", "full") == "full" else
+              "dequantized 4-bit weights it was trained on")] if quant else []),
         f"- merge: W' = (W + s·B·A) ⊙ M; nonzero pruned weights after merge: {merge['violations']}, "
         f"after reloading the export: {report['export']['reloaded_violations']}; max |logit difference| "
         f"adapter vs merged: {merge['max_logit_diff'] if merge['max_logit_diff'] is not None else 'not checked'}",

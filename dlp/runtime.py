@@ -32,19 +32,28 @@ def setup(seed: int) -> None:
     torch.set_flush_denormal(True)
 
 
-def use_cpu_without_accelerator() -> None:
+def use_cpu_without_accelerator() -> list[str]:
     """On a machine without GPUs, set up CPU processes properly *before* any training arguments are built.
+
+    Returns extra command-line defaults for the training arguments (empty when nothing is needed).
 
     ``accelerate launch`` with a DDP config starts N processes, but without ``ACCELERATE_USE_CPU`` each process
     sees no GPU and decides it runs alone, so N copies of the whole job run side by side. With it they form one
     gloo process group. The training arguments set up the process state as they are parsed, hence "before".
+    Under DeepSpeed that flag would make accelerate drop DeepSpeed for plain DDP; DeepSpeed runs its CPU engine
+    instead, but accelerate only counts the processes when it is told the backend, so dlp asks for
+    ``--ddp_backend gloo`` (without it every process believes it is alone and the batch sizes disagree).
     ``accelerate launch`` also sets ``OMP_NUM_THREADS=1`` in every process, which halves a 2-core machine's
     speed even with one process; dlp gives each process its share of the cores instead.
     """
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     if has_accelerator:
-        return
-    os.environ["ACCELERATE_USE_CPU"] = "true"
+        return []
+    extra_args = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        extra_args = ["--ddp_backend", "gloo"]
+    else:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
     if launched_by_accelerate and os.environ.get("OMP_NUM_THREADS") == "1":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -53,3 +62,4 @@ def use_cpu_without_accelerator() -> None:
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
             print(f"[dlp] accelerate launch set OMP_NUM_THREADS=1; using {threads} threads per process on CPU")
+    return extra_args

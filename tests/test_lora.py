@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import tiny_model
 from dlp.errors import DlpError
-from dlp.lora import MaskedLoraMixin, attach_masks, lora_layers, masked_lora_layers
+from dlp.lora import MaskedLoraMixin, attach_masks, lora_layers, masked_lora_layers, pack_mask, unpack_mask
 from dlp.masks import MaskSet
 from dlp.merge import MERGE_TOLERANCE, merge_masked
 from dlp.modeling import prunable_linears
@@ -80,6 +80,8 @@ def test_merge_is_exact_and_keeps_every_pruned_weight_zero():
     assert check.violations == 0 and masks.violations(merged) == 0
     assert check.max_logit_diff is not None and check.max_logit_diff <= MERGE_TOLERANCE
     assert check.lora_layers == len(masks.masks)
+    unprobed, unchecked = merge_masked(pruned_lora_model()[0], masks)  # no probe: zeros checked, logits not
+    assert unchecked.max_logit_diff is None and unchecked.violations == 0
     # the merge really carries the training: the merged weights moved off the pruned base, on the mask only
     base = tiny_model("llama")
     masks.apply(base)
@@ -111,14 +113,42 @@ def test_masked_gradients_equal_the_explicit_formula():
     name, layer = next(iter(masked_lora_layers(peft_model).items()))
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
-    x = torch.randn(5, layer.get_base_layer().in_features, requires_grad=False)
+    x = torch.randn(2, 5, layer.get_base_layer().in_features, requires_grad=True)
     layer(x).square().sum().backward()
     A = layer.lora_A["default"].weight.detach().clone().requires_grad_()
     B = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
     W, M, s = layer.get_base_layer().weight.detach(), masks.masks[name].float(), layer.scaling["default"]
-    (x @ (W + s * (B @ A) * M).T).square().sum().backward()
+    (x2 @ (W + s * (B @ A) * M).T).square().sum().backward()
     torch.testing.assert_close(layer.lora_A["default"].weight.grad, A.grad)
     torch.testing.assert_close(layer.lora_B["default"].weight.grad, B.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_backward_keeps_no_weight_sized_tensor():
+    """Between forward and backward a masked layer keeps x, A and B only: W_eff is rebuilt in backward (what
+    keeps a 4-bit base 4-bit during training)."""
+    peft_model, masks = pruned_lora_model()
+    attach_masks(peft_model, masks)
+    layer = masked_lora_layers(peft_model)["model.layers.0.mlp.down_proj"]
+    weight = layer.get_base_layer().weight
+    x = torch.randn(3, weight.shape[1], requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert sorted(t.numel() for t in saved) == sorted([x.numel(), 4 * weight.shape[1], weight.shape[0] * 4])
+    y.sum().backward()
+    assert x.grad is not None and layer.lora_A["default"].weight.grad is not None
+
+
+def test_mask_bits_round_trip_and_hand_case():
+    assert pack_mask(torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)).tolist() == [[0b10110000, 0b10000000]]
+    g = torch.Generator().manual_seed(0)
+    for columns in (1, 7, 8, 13, 64):
+        mask = torch.rand(5, columns, generator=g) < 0.4
+        bits = pack_mask(mask)
+        assert bits.dtype == torch.uint8 and tuple(bits.shape) == (5, (columns + 7) // 8)
+        assert torch.equal(unpack_mask(bits, columns), mask)
 
 
 def test_dropout_path_masks_the_delta_and_eval_is_exact():

@@ -1,7 +1,7 @@
 """The prune → finetune → merge → export → evaluate pipeline, end to end on a tiny model, through its CLI.
 
-One uninterrupted single-process run (module fixture) is the reference; a killed-and-resumed run and a
-2-process DDP run of the same recipe are compared with it.
+One uninterrupted single-process run (module fixture) is the reference; a killed-and-resumed run of the same
+recipe is compared with it (multi-process runs: tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -138,23 +138,6 @@ def test_killed_during_finetuning_resumes_to_the_same_model(reference_run, tiny_
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
 
 
-def test_two_process_ddp_run_end_to_end(reference_run, tiny_model_dir, tmp_path):
-    """accelerate launch with the DDP config: 2 CPU processes (gloo); global batch = 2 × per-device batch."""
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, per_device_train_batch_size=2, max_steps=20)
-    out = tmp_path / "run"
-    result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "accelerate_configs" / "ddp.yaml"), str(SCRIPT), "--config", str(recipe),
-                  "--output_dir", str(out)])
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-    report = json.loads((out / "report.json").read_text())
-    assert report["training"]["tokens_seen"] == 20 * 2 * 2 * 64  # steps × processes × batch × seqlen
-    assert report["merge"]["violations"] == 0 and report["export"]["reloaded_violations"] == 0
-    assert report["masks_digest"] == json.loads((reference_run / "report.json").read_text())["masks_digest"]
-    masks = MaskSet.load(out / "model" / "masks.safetensors")
-    weights = merged_weights(out)
-    assert all((weights[f"{n}.weight"][~k] == 0).all() for n, k in masks.masks.items())
-
-
 def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
     """A partial run of one recipe must not be finished with another's settings (stale masks or adapter)."""
     partial = tmp_path / "partial"
@@ -172,6 +155,10 @@ def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
     (["--use_dora", "true"], "use_dora must be false"),
     (["--train_data", "builtin:wikitext2-test"], "train_data must not be the evaluation text"),
     (["--allocation", "greedy"], "allocation must be one of"),
+    (["--load_in_8bit", "true"], "load_in_8bit is not supported"),
+    (["--merge_base", "dequantized"], "merge_base dequantized needs load_in_4bit: true"),
+    (["--merge_base", "both"], "merge_base must be one of full, dequantized (got 'both')"),
+    (["--load_in_4bit", "true", "--bnb_4bit_quant_type", "int4"], "invalid choice: 'int4' (choose from 'fp4', 'nf4')"),
 ])
 def test_bad_recipe_values_exit_2_with_one_line(tiny_model_dir, tmp_path, override, message):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir)

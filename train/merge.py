@@ -5,6 +5,11 @@
 
 The result is W' = (W + s·B·A) ⊙ M for every adapted projection: pruned weights stay exactly zero (a plain peft
 ``merge_and_unload`` would fill them in). The output loads with ``AutoModelForCausalLM.from_pretrained``.
+
+An adapter trained on a 4-bit base (QLoRA) merges into the full-precision pruned weights by default
+(``--merge_base full``, recommended: no quantization error in the result); ``--merge_base dequantized`` merges
+into the 4-bit weights it was trained on, dequantized (the adapter's ``quantization.json`` says how), which
+reproduces the trained model exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import run_cli  # noqa: E402
-from dlp.config import parse_config  # noqa: E402
+from dlp.config import MERGE_BASES, parse_config  # noqa: E402
 from dlp.data import load_training_windows  # noqa: E402
 from dlp.errors import require  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
@@ -30,8 +35,14 @@ class MergeArguments:
     output_dir: str = field(metadata={"help": "Where to write the merged model."})
     masks: str | None = field(default=None, metadata={"help": "masks.safetensors (default: beside base_dir)."})
     dtype: str = field(default="float32", metadata={"help": "Load and merge in this dtype: float32, bfloat16, float16."})
+    merge_base: str = field(default="full", metadata={
+        "help": f"QLoRA adapters: merge into the full-precision pruned weights or the dequantized 4-bit ones: "
+                f"{', '.join(MERGE_BASES)}."})
     probe_data: str | None = field(default="builtin:wikitext2-valid", metadata={
         "help": "Text whose first windows check merged vs adapter logits; empty to skip the check."})
+
+    def __post_init__(self) -> None:
+        require(self.merge_base in MERGE_BASES, f"merge_base must be one of {', '.join(MERGE_BASES)} (got {self.merge_base!r})")
 
 
 def main(argv: list[str] | None = None):
@@ -39,7 +50,7 @@ def main(argv: list[str] | None = None):
     masks_path = args.masks or os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "masks.safetensors")
     require(os.path.isfile(masks_path), f"masks: file not found: {masks_path} (pass --masks)")
     masks = MaskSet.load(masks_path)
-    model, tokenizer = load_adapter_model(args.base_dir, args.adapter_dir, masks, args.dtype)
+    model, tokenizer = load_adapter_model(args.base_dir, args.adapter_dir, masks, args.dtype, args.merge_base)
     probe = load_training_windows(tokenizer, args.probe_data, 128, max_windows=2) if args.probe_data else None
     merged, check = merge_masked(model, masks, probe)
     export_model(merged, tokenizer, masks, args.output_dir)

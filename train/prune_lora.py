@@ -23,9 +23,9 @@ from dlp.runtime import use_cpu_without_accelerator  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    use_cpu_without_accelerator()
+    launch_defaults = use_cpu_without_accelerator()
     model_args, prune_args, eval_args, ft_args, sft_args = parse_config(
-        [ModelConfig, PruneArguments, EvalArguments, FinetuneArguments, SFTConfig], argv)
+        [ModelConfig, PruneArguments, EvalArguments, FinetuneArguments, SFTConfig], argv, launch_defaults)
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
     report = run_prune_lora(model_args, prune_args, eval_args, ft_args, sft_args)
     ppl = " → ".join(f"{name} {entry['value']:.2f}" for name, entry in report["perplexity"].items() if entry)

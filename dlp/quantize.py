@@ -1,0 +1,48 @@
+"""4-bit (QLoRA) bases: the recipe's ``load_in_4bit`` fields → a bitsandbytes ``BitsAndBytesConfig``.
+
+The fields are trl's ``ModelConfig`` ones (``load_in_4bit``, ``bnb_4bit_quant_type``, ``use_bnb_nested_quant``)
+plus ``dtype`` as the compute dtype, so a QLoRA recipe reads like any trl recipe. Only 4-bit is supported: an
+8-bit base has no exact zero in its outlier path, so masks could not be kept exact there.
+
+NF4 and FP4 both have an exact zero code, so the pruned zeros of a base survive quantization exactly; small kept
+weights may also round to zero, which is why the masks are kept explicitly rather than read off the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import require
+from .weights import is_quantized
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_quantization_args(model_args) -> None:
+    require(not getattr(model_args, "load_in_8bit", False),
+            "load_in_8bit is not supported: mask-exact LoRA needs a full-precision or 4-bit (load_in_4bit) base")
+    if getattr(model_args, "load_in_4bit", False):
+        require(model_args.bnb_4bit_quant_type in QUANT_TYPES,
+                f"bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)} (got {model_args.bnb_4bit_quant_type!r})")
+        require((model_args.dtype or "float32") in COMPUTE_DTYPES,
+                f"dtype (the 4-bit compute dtype) must be one of {', '.join(COMPUTE_DTYPES)} (got {model_args.dtype!r})")
+
+
+def bnb_config(model_args, always: bool = False):
+    """The ``BitsAndBytesConfig`` of a ``load_in_4bit`` recipe, or None for a full-precision base (``always``:
+    build it from the ``bnb_4bit_*`` fields even so, e.g. to export a 4-bit copy of a 16-bit run)."""
+    check_quantization_args(model_args)
+    if not (always or getattr(model_args, "load_in_4bit", False)):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, model_args.dtype or "float32")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant),
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+
+
+def quantized_linears(model: nn.Module) -> int:
+    return sum(1 for module in model.modules() if is_quantized(getattr(module, "weight", None)))
