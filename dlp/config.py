@@ -20,7 +20,7 @@ from .prune import parse_pattern
 MERGE_BASES = ("full", "dequantized")
 
 
-def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+def require_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(allowed)} (got {value!r})")
 
 
@@ -61,10 +61,10 @@ class PruneArguments:
     device: str = field(default="auto", metadata={"help": "Compute device for the sweep and evaluation: auto, cpu, cuda, cuda:N."})
 
     def __post_init__(self) -> None:
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        _choice("dlp_statistic", self.dlp_statistic, DLP_STATISTICS)
-        _choice("criterion", self.criterion, CRITERIA)
-        _choice("prune_mode", self.prune_mode, MODES)
+        require_choice("allocation", self.allocation, ALLOCATIONS)
+        require_choice("dlp_statistic", self.dlp_statistic, DLP_STATISTICS)
+        require_choice("criterion", self.criterion, CRITERIA)
+        require_choice("prune_mode", self.prune_mode, MODES)
         require(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1) (got {self.sparsity})")
         require(0.0 < self.max_layer_sparsity < 1.0, f"max_layer_sparsity must be in (0, 1) (got {self.max_layer_sparsity})")
         require(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
@@ -123,7 +123,7 @@ class FinetuneArguments:
     check_merge: bool = field(default=True, metadata={
         "help": "After merging, compare the merged model's logits with the adapter model's on a few windows."})
     merge_base: str = field(default="full", metadata={
-        "help": f"4-bit (load_in_4bit) runs: merge into the full-precision pruned weights (full, recommended) or "
+        "help": f"4-bit (load_in_4bit) runs: merge into the full-precision pruned weights (full, the default) or "
                 f"into the dequantized 4-bit weights the adapter was trained on (dequantized). One of {', '.join(MERGE_BASES)}."})
     export_4bit: bool = field(default=False, metadata={
         "help": "Also write model-4bit/: the merged sparse model re-quantized to 4-bit (bnb_4bit_* fields)."})
@@ -131,7 +131,7 @@ class FinetuneArguments:
 
     def __post_init__(self) -> None:
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
-        _choice("merge_base", self.merge_base, MERGE_BASES)
+        require_choice("merge_base", self.merge_base, MERGE_BASES)
 
 
 @dataclass

@@ -67,18 +67,19 @@ class _MaskedLoraLinear(torch.autograd.Function):
                 adapter: str) -> torch.Tensor:
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.layer, ctx.adapter = layer, adapter
-        return F.linear(x, layer.effective_weight([adapter], x.dtype), layer.base_bias())
+        return F.linear(x, layer.effective_weight([adapter], x.dtype, layer.keep_mask(x.device)), layer.base_bias())
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, lora_a, lora_b = ctx.saved_tensors
         layer, adapter = ctx.layer, ctx.adapter
+        mask = layer.keep_mask(grad_out.device)  # unpacked once for both gradients
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ layer.effective_weight([adapter], grad_out.dtype)
+            grad_x = grad_out @ layer.effective_weight([adapter], grad_out.dtype, mask)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)  # dL/dW_eff, [out, in]
-            grad_delta = (grad_weight * layer.keep_mask(grad_weight.device)).to(lora_a.dtype) * layer.scaling[adapter]
+            grad_delta = (grad_weight * mask).to(lora_a.dtype) * layer.scaling[adapter]
             grad_b = grad_delta @ lora_a.t()
             grad_a = lora_b.t() @ grad_delta
         return grad_x, grad_a, grad_b, None, None
@@ -107,16 +108,19 @@ class MaskedLoraMixin:
         bias = self.get_base_layer().bias
         return None if bias is None else bias.to(self.compute_dtype())
 
-    def masked_delta(self, adapter: str, dtype: torch.dtype) -> torch.Tensor:
-        """``s·(B·A) ⊙ M`` in ``dtype``: the one expression used by forward and merge, so they agree exactly."""
+    def masked_delta(self, adapter: str, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``s·(B·A) ⊙ M`` in ``dtype``: the one expression used by forward and merge, so they agree exactly.
+        ``mask``: the keep-mask already unpacked by the caller, if any."""
         delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
-        return (delta * self.keep_mask(delta.device)).to(dtype)
+        return (delta * (self.keep_mask(delta.device) if mask is None else mask)).to(dtype)
 
-    def effective_weight(self, adapters: list[str], dtype: torch.dtype) -> torch.Tensor:
+    def effective_weight(self, adapters: list[str], dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``W + Σ s·(B·A) ⊙ M`` in ``dtype``; a 4-bit ``W`` is dequantized here, one Linear at a time."""
         weight = dense_weight(self.get_base_layer().weight, dtype)
+        if adapters and mask is None:
+            mask = self.keep_mask(weight.device)
         for adapter in adapters:
-            weight = weight + self.masked_delta(adapter, dtype)
+            weight = weight + self.masked_delta(adapter, dtype, mask)
         return weight
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:  # called by peft's merge/unmerge
@@ -140,7 +144,6 @@ class MaskedLoraMixin:
             for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
                 result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, dtype))
         return result.to(input_dtype)
-
 
 
 _MASKED_CLASSES: dict[type, type] = {}

@@ -195,16 +195,14 @@ def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet, model_args, eva
                      prune_args: PruneArguments, ft_args: FinetuneArguments) -> dict:
     """Reload the export with plain transformers (no dlp code involved) and measure it; in 4-bit runs also the
     quantized pruned base (what training started from) and the 4-bit export."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def measure(model_dir: Path, quantization=None):
         extra = {"quantization_config": quantization} if quantization is not None else {}  # None would undo a
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", **extra)  # saved 4-bit config
-        return model.eval(), perplexity(model.eval(), tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
-                                        max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
-                                        device=resolve_device(prune_args.device))
-
-    from transformers import AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", **extra).eval()  # saved 4-bit config
+        return model, perplexity(model, tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
+                                 max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
+                                 device=resolve_device(prune_args.device))
 
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     model, ppl = measure(out / "model")

@@ -11,10 +11,8 @@ weights may also round to zero, which is why the masks are kept explicitly rathe
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .errors import require
-from .weights import is_quantized
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -42,7 +40,3 @@ def bnb_config(model_args, always: bool = False):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant),
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
-
-
-def quantized_linears(model: nn.Module) -> int:
-    return sum(1 for module in model.modules() if is_quantized(getattr(module, "weight", None)))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_model
+from conftest import REPO
 from dlp.errors import DlpError
 from dlp.lora import attach_masks, masked_lora_layers
 from dlp.masks import MaskSet
@@ -30,18 +30,15 @@ def nf4_config():
 
 
 @pytest.fixture
-def pruned_base(tmp_path):
-    """A tiny pruned Llama on disk (with a tokenizer-free layout: only what the loaders need)."""
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models
+def pruned_base(tiny_model_dir, tmp_path):
+    """The tiny Llama of ``tiny_model_dir`` with random masks applied, saved with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = tiny_model("llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     masks = random_masks(model)
     masks.apply(model)
     model.save_pretrained(tmp_path / "base")
-    vocab = {f"t{i}": i for i in range(127)} | {"<unk>": 127}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                            unk_token="<unk>").save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "base")
     return tmp_path / "base", masks
 
 

@@ -7,7 +7,7 @@ The result is W' = (W + s·B·A) ⊙ M for every adapted projection: pruned weig
 ``merge_and_unload`` would fill them in). The output loads with ``AutoModelForCausalLM.from_pretrained``.
 
 An adapter trained on a 4-bit base (QLoRA) merges into the full-precision pruned weights by default
-(``--merge_base full``, recommended: no quantization error in the result); ``--merge_base dequantized`` merges
+(``--merge_base full``: no quantization error in the exported weights); ``--merge_base dequantized`` merges
 into the 4-bit weights it was trained on, dequantized (the adapter's ``quantization.json`` says how), which
 reproduces the trained model exactly.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import run_cli  # noqa: E402
-from dlp.config import MERGE_BASES, parse_config  # noqa: E402
+from dlp.config import MERGE_BASES, parse_config, require_choice  # noqa: E402
 from dlp.data import load_training_windows  # noqa: E402
 from dlp.errors import require  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
@@ -42,7 +42,7 @@ class MergeArguments:
         "help": "Text whose first windows check merged vs adapter logits; empty to skip the check."})
 
     def __post_init__(self) -> None:
-        require(self.merge_base in MERGE_BASES, f"merge_base must be one of {', '.join(MERGE_BASES)} (got {self.merge_base!r})")
+        require_choice("merge_base", self.merge_base, MERGE_BASES)
 
 
 def main(argv: list[str] | None = None):
