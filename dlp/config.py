@@ -15,9 +15,11 @@ from .allocate import ALLOCATIONS, DLP_STATISTICS
 from .errors import DlpError, require
 from .layerwise import CRITERIA, MODES
 from .prune import parse_pattern
+from .slicing import SLICING_ALLOCATIONS
 
 
 MERGE_BASES = ("full", "dequantized")
+METHODS = ("prune", "slice")
 
 
 def require_choice(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -87,6 +89,31 @@ class PruneArguments:
 
 
 @dataclass
+class SliceArguments:
+    """Rotate-and-slice (SliceGPT) with uniform or Layer-Redundancy-driven per-layer widths (Dynamic Slicing).
+
+    Calibration comes from the pruning fields (calibration_data, nsamples, seqlen, calibration_batch_size, device).
+    """
+
+    slicing: float = field(default=0.25, metadata={
+        "help": "Mean fraction of the residual-stream width removed per layer, in [0, 1)."})
+    slicing_allocation: str = field(default="lr", metadata={
+        "help": f"Per-layer fractions: {', '.join(SLICING_ALLOCATIONS)} (lr: Layer Redundancy, Dynamic Slicing)."})
+    slicing_spread: float = field(default=0.1, metadata={
+        "help": "lr: layer fractions span slicing ± spread (the most redundant layer is sliced most)."})
+    slicing_multiple: int = field(default=8, metadata={"help": "Every sliced width is a multiple of this."})
+
+    def __post_init__(self) -> None:
+        require_choice("slicing_allocation", self.slicing_allocation, SLICING_ALLOCATIONS)
+        require(0.0 <= self.slicing < 1.0, f"slicing must be in [0, 1) (got {self.slicing})")
+        require(0.0 <= self.slicing_spread < 0.5, f"slicing_spread must be in [0, 0.5) (got {self.slicing_spread})")
+        require(self.slicing_spread <= self.slicing or self.slicing_allocation == "uniform",
+                f"slicing_spread ({self.slicing_spread}) must not exceed slicing ({self.slicing}): "
+                "no layer can be sliced by less than 0")
+        require(self.slicing_multiple >= 1, f"slicing_multiple must be >= 1 (got {self.slicing_multiple})")
+
+
+@dataclass
 class EvalArguments:
     """Perplexity (standard protocol) and optional lm-eval zero-shot tasks."""
 
@@ -113,6 +140,9 @@ class EvalArguments:
 class FinetuneArguments:
     """The fine-tuning data and what the prune-then-finetune pipeline keeps (training itself: trl's SFTConfig)."""
 
+    method: str = field(default="prune", metadata={
+        "help": f"What is done before fine-tuning: prune (masks; pruning fields) or slice (slicing fields). "
+                f"One of {', '.join(METHODS)}."})
     train_data: str = field(default="builtin:wikitext2-valid", metadata={
         "help": "Fine-tuning text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id (id or id:config)."})
     train_split: str = field(default="train", metadata={"help": "Split of a HF dataset to fine-tune on."})
@@ -120,6 +150,8 @@ class FinetuneArguments:
         "help": "Use at most N windows of max_length tokens (consecutive, from the start of the text); 0 = all."})
     prune_dir: str | None = field(default=None, metadata={
         "help": "Reuse a finished train/prune.py run (its masks.safetensors and model/) instead of pruning again."})
+    slice_dir: str | None = field(default=None, metadata={
+        "help": "method slice: reuse a finished train/slice.py run (its model/) instead of slicing again."})
     check_merge: bool = field(default=True, metadata={
         "help": "After merging, compare the merged model's logits with the adapter model's on a few windows."})
     merge_base: str = field(default="full", metadata={
@@ -132,6 +164,7 @@ class FinetuneArguments:
     def __post_init__(self) -> None:
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
         require_choice("merge_base", self.merge_base, MERGE_BASES)
+        require_choice("method", self.method, METHODS)
 
 
 @dataclass

@@ -22,11 +22,16 @@ from .errors import DlpError, require
 from .lora import attach_masks
 from .masks import MaskSet
 from .modeling import prunable_linears
+from .sliced_llama import SLICING_STRUCTURE
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Every kind of prunable Linear of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections)."""
-    return sorted({name.rsplit(".", 1)[-1] for name in prunable_linears(model)})
+    """Every kind of prunable Linear of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections).
+
+    A sliced model's basis changes (``input_proj``, ``attn_shortcut``, ``mlp_shortcut``) are left out: they are
+    rotations, not learned projections, and an adapter on them would only add parameters."""
+    names = {name.rsplit(".", 1)[-1] for name in prunable_linears(model)}
+    return sorted(names - set(SLICING_STRUCTURE))
 
 
 def check_lora_args(model_args) -> None:
@@ -47,13 +52,16 @@ def lora_config(model_args, model: nn.Module):
                       use_rslora=model_args.use_rslora, task_type="CAUSAL_LM")
 
 
-def masked_lora_model(model: nn.Module, masks: MaskSet, model_args) -> nn.Module:
-    """Wrap a pruned model with peft LoRA and make every adapter on a pruned Linear mask-exact."""
+def masked_lora_model(model: nn.Module, masks: MaskSet | None, model_args) -> nn.Module:
+    """Wrap a compressed model with peft LoRA; with ``masks`` (a pruned model) every adapter on a pruned Linear
+    is made mask-exact. A sliced model has no masks: its weights are dense, only smaller."""
     from peft import get_peft_model
 
-    require(masks.violations(model) == 0, "finetune: the base model has nonzero weights where the masks prune")
+    require(masks is None or masks.violations(model) == 0,
+            "finetune: the base model has nonzero weights where the masks prune")
     peft_model = get_peft_model(model, lora_config(model_args, model))
-    attach_masks(peft_model, masks)
+    if masks is not None:
+        attach_masks(peft_model, masks)
     return peft_model
 
 

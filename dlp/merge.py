@@ -40,14 +40,20 @@ def _logits(model: nn.Module, probe_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=probe_ids.to(device), use_cache=False).logits.float().cpu()
 
 
-def merge_masked(peft_model: nn.Module, masks: MaskSet, probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeCheck]:
-    """Merge a peft model whose LoRA layers are mask-exact; return the plain merged model and its checks."""
-    layers = attach_masks(peft_model, masks)  # idempotent for layers that are mask-exact already
+def merge_masked(peft_model: nn.Module, masks: MaskSet | None, probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeCheck]:
+    """Merge a peft model whose LoRA layers are mask-exact (or, without masks, plain: a sliced model); return the
+    plain merged model and its checks."""
+    from peft.tuners.lora import LoraLayer
+
+    if masks is not None:
+        layers = attach_masks(peft_model, masks)  # idempotent for layers that are mask-exact already
+    else:
+        layers = sum(isinstance(module, LoraLayer) for module in peft_model.modules())
     peft_model.eval()
     before = _logits(peft_model, probe_ids) if probe_ids is not None else None
     merged = peft_model.merge_and_unload()
     diff = float((_logits(merged, probe_ids) - before).abs().max()) if before is not None else None
-    check = MergeCheck(masks.violations(merged), diff, layers)
+    check = MergeCheck(masks.violations(merged) if masks is not None else 0, diff, layers)
     require(check.violations == 0, f"merge: {check.violations} pruned weights are not zero after merging")  # pragma: no cover
     if diff is not None:
         require(diff <= MERGE_TOLERANCE, f"merge: merged logits differ from the adapter model's by {diff:.3g} "
@@ -77,7 +83,7 @@ def load_base(base_dir: str | Path, dtype: str = "float32", merge_base: str = "f
     return base, tokenizer
 
 
-def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: MaskSet, dtype: str = "float32",
+def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: MaskSet | None, dtype: str = "float32",
                        merge_base: str = "full"):
     """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory."""
     from peft import PeftModel
@@ -85,20 +91,23 @@ def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: Mas
     adapter_dir = Path(adapter_dir)
     require((adapter_dir / "adapter_config.json").is_file(), f"adapter_dir: no adapter_config.json in {adapter_dir}")
     base, tokenizer = load_base(base_dir, dtype, merge_base, read_json(adapter_dir / QUANTIZATION_FILE))
-    require(masks.violations(base) == 0, f"base: {base_dir} has nonzero weights where the masks prune; "
-            "is it the pruned model these masks were made for?")
+    require(masks is None or masks.violations(base) == 0, f"base: {base_dir} has nonzero weights where the masks "
+            "prune; is it the pruned model these masks were made for?")
     model = PeftModel.from_pretrained(base, str(adapter_dir))
-    attach_masks(model, masks)
+    if masks is not None:
+        attach_masks(model, masks)
     return model, tokenizer
 
 
-def export_model(model: nn.Module, tokenizer, masks: MaskSet, target: str | Path) -> Path:
-    """Write the merged model, its tokenizer and its masks to ``target`` in one atomic step."""
+def export_model(model: nn.Module, tokenizer, masks: MaskSet | None, target: str | Path) -> Path:
+    """Write the merged model, its tokenizer and its masks (if any) to ``target`` in one atomic step. A sliced
+    model's class is registered for the Auto classes, so ``save_pretrained`` also writes its modeling file."""
     target = Path(target)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        masks.save(Path(tmp) / "masks.safetensors")
+        if masks is not None:
+            masks.save(Path(tmp) / "masks.safetensors")
     return target
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import sliced_llama  # noqa: F401  (registers the sliced architecture with the Auto classes)
 from .errors import DlpError, require
 from .io import atomic_dir
 

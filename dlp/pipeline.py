@@ -3,6 +3,7 @@
 Layout of ``output_dir`` (each artifact is written atomically; its presence marks its stage finished):
 
 * ``prune/``: a ``train/prune.py`` run (masks, pruned model, dense/pruned perplexity), or ``prune_dir`` reused;
+  with ``method: slice``, ``slice/`` instead: a ``train/slice.py`` run (the sliced model), or ``slice_dir``;
 * ``finetune/checkpoint-N``: trainer checkpoints, resumed from after an interruption;
 * ``adapter/``: the trained mask-exact LoRA adapter and its training log;
 * ``merge.json`` then ``model/``: the merged sparse model (loads with plain transformers) and its masks;
@@ -14,6 +15,9 @@ Under ``accelerate launch`` with several processes, pruning, merging and evaluat
 (the others wait at a barrier and then load its results); training runs on every process (DDP, or DeepSpeed
 ZeRO-2/3, whose partitioned loading keeps a large base from ever being whole on one rank), and every rank checks
 that it holds the same masks before it trains.
+
+A sliced model has no masks: its weights are dense, only smaller, so its LoRA is peft's own, and the export
+ships the sliced architecture's modeling file (it reloads with ``trust_remote_code=True``).
 
 A ``load_in_4bit`` recipe trains the adapter on the pruned base quantized to 4-bit (QLoRA); ``merge_base`` picks
 what it is merged into, and ``export_4bit`` adds ``model-4bit/``, the merged model re-quantized.
@@ -29,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments
+from .config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments, SliceArguments
 from .data import load_training_windows
 from .distributed import check_same_masks, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
@@ -42,6 +46,7 @@ from .modeling import load_model_and_tokenizer
 from .quantize import bnb_config, check_quantization_args
 from .report import write_finetune_report
 from .run_prune import run_prune
+from .run_slice import run_slice
 from .runtime import resolve_device
 
 TRAINING_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
@@ -50,7 +55,7 @@ TRAINING_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_tr
 
 
 def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArguments, ft_args: FinetuneArguments,
-                   sft_args) -> dict[str, Any]:
+                   sft_args, slice_args: SliceArguments | None = None) -> dict[str, Any]:
     """Run (or resume) the whole pipeline into ``sft_args.output_dir``; return the final report."""
     from accelerate import PartialState
 
@@ -64,6 +69,9 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
             "merge_base dequantized needs load_in_4bit: true (a full-precision base has nothing to dequantize)")
     require(not (model_args.load_in_4bit and zero3_enabled()), "load_in_4bit is not supported under ZeRO-3 here; "
             "train QLoRA with accelerate_configs/ddp.yaml or deepspeed_zero2.yaml")
+    require(ft_args.method == "prune" or not model_args.load_in_4bit,
+            "load_in_4bit is supported with method prune only (got method slice)")
+    slice_args = slice_args or SliceArguments()
     if ft_args.overwrite and state.is_main_process and out.exists():
         shutil.rmtree(out)
     state.wait_for_everyone()
@@ -71,11 +79,16 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     if finished is not None:
         print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
         return finished
-    _claim_output_dir(out, _recipe(model_args, prune_args, eval_args, ft_args, sft_args), state)
+    _claim_output_dir(out, _recipe(model_args, prune_args, eval_args, ft_args, sft_args, slice_args), state)
 
-    prune_dir, prune_report = _prune_stage(model_args, prune_args, eval_args, ft_args, sft_args.seed, out, state)
-    masks = MaskSet.load(prune_dir / "masks.safetensors")
-    check_same_masks(masks.digest(), state)
+    if ft_args.method == "slice":
+        prune_dir, prune_report = _slice_stage(model_args, prune_args, slice_args, eval_args, ft_args, sft_args.seed,
+                                               out, state)
+        masks = None
+    else:
+        prune_dir, prune_report = _prune_stage(model_args, prune_args, eval_args, ft_args, sft_args.seed, out, state)
+        masks = MaskSet.load(prune_dir / "masks.safetensors")
+        check_same_masks(masks.digest(), state)
     if not (out / "adapter" / "adapter_config.json").is_file():
         _finetune_stage(model_args, ft_args, sft_args, prune_dir, masks, out, state)
     if state.is_main_process:
@@ -86,9 +99,10 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     return read_json(out / "report.json")
 
 
-def _recipe(model_args, prune_args, eval_args, ft_args, sft_args) -> dict[str, Any]:
+def _recipe(model_args, prune_args, eval_args, ft_args, sft_args, slice_args) -> dict[str, Any]:
     """Everything that shapes the run's artifacts (not where they go, nor whether to start over)."""
     recipe = {"model": asdict(model_args), "prune": asdict(prune_args), "eval": asdict(eval_args),
+              **({"slice": asdict(slice_args)} if ft_args.method == "slice" else {}),
               "finetune": {k: v for k, v in asdict(ft_args).items() if k != "overwrite"},
               "training": _training_settings(sft_args)}
     return json.loads(json.dumps(recipe, default=str))
@@ -129,7 +143,24 @@ def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Pat
     return prune_dir, read_json(prune_dir / "report.json")
 
 
-def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet, out: Path, state) -> None:
+def _slice_stage(model_args, prune_args, slice_args, eval_args, ft_args, seed: int, out: Path, state) -> tuple[Path, dict]:
+    """Slice on the main process only (as :func:`_prune_stage` prunes), or reuse ``slice_dir``."""
+    if ft_args.slice_dir:
+        slice_dir = Path(ft_args.slice_dir)
+        report = read_json(slice_dir / "report.json")
+        require(report is not None and "slicing" in report and (slice_dir / "model" / "config.json").is_file(),
+                f"slice_dir: {slice_dir} is not a finished train/slice.py run (report.json and model/ are needed)")
+        return slice_dir, report
+    slice_dir = out / "slice"
+    if state.is_main_process:
+        run_args = RunArguments(output_dir=str(slice_dir), seed=seed, overwrite=False, save_model=True)
+        with zero3_init_disabled():
+            run_slice(model_args, prune_args, slice_args, eval_args, run_args)
+    state.wait_for_everyone()
+    return slice_dir, read_json(slice_dir / "report.json")
+
+
+def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet | None, out: Path, state) -> None:
     quantization = bnb_config(model_args)
     model, tokenizer = load_model_and_tokenizer(str(prune_dir / "model"), model_args.dtype or "float32",
                                                 model_args.attn_implementation or "sdpa", quantization)
@@ -164,7 +195,7 @@ def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskS
 
 
 def _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args, prune_dir: Path, prune_report: dict,
-                           masks: MaskSet, out: Path) -> dict:
+                           masks: MaskSet | None, out: Path) -> dict:
     dtype = model_args.dtype or "float32"
     merge_info = read_json(out / "merge.json")
     if merge_info is None or not (out / "model" / "config.json").is_file():
@@ -191,15 +222,17 @@ def _merge_export_evaluate(model_args, prune_args, eval_args, ft_args, sft_args,
     return report
 
 
-def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet, model_args, eval_args: EvalArguments,
+def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet | None, model_args, eval_args: EvalArguments,
                      prune_args: PruneArguments, ft_args: FinetuneArguments) -> dict:
     """Reload the export with plain transformers (no dlp code involved) and measure it; in 4-bit runs also the
-    quantized pruned base (what training started from) and the 4-bit export."""
+    quantized pruned base (what training started from) and the 4-bit export. A sliced export loads through its
+    own shipped modeling file (``trust_remote_code=True``), as a user's would."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def measure(model_dir: Path, quantization=None):
         extra = {"quantization_config": quantization} if quantization is not None else {}  # None would undo a
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", **extra).eval()  # saved 4-bit config
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", trust_remote_code=masks is None,
+                                                     **extra).eval()  # saved 4-bit config
         return model, perplexity(model, tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
                                  max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
                                  device=resolve_device(prune_args.device))
@@ -207,7 +240,9 @@ def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet, model_args, eva
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     model, ppl = measure(out / "model")
     print(f"[dlp] fine-tuned perplexity {ppl}")
-    evaluation = {"perplexity": {}, "reloaded_violations": masks.violations(model), "masks_digest": masks.digest()}
+    evaluation = {"perplexity": {}}
+    if masks is not None:
+        evaluation.update(reloaded_violations=masks.violations(model), masks_digest=masks.digest())
     if model_args.load_in_4bit:
         evaluation["perplexity"]["pruned_4bit"] = measure(prune_dir / "model", bnb_config(model_args))[1].to_dict()
     evaluation["perplexity"]["finetuned"] = ppl.to_dict()
@@ -223,14 +258,18 @@ def _final_report(model_args, prune_args, eval_args, ft_args, sft_args, prune_re
                   evaluation: dict, training_log: dict) -> dict[str, Any]:
     lora = {name: getattr(model_args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                                                           "use_rslora")}
+    if ft_args.method == "slice":
+        compression = {"slicing": prune_report["slicing"]}
+    else:
+        compression = {key: prune_report[key] for key in ("sparsity", "layer_sparsity")}
+        compression["masks_digest"] = evaluation["masks_digest"]
     return {
         "model": prune_report["model"],
+        "method": ft_args.method,
         "config": {**prune_report["config"], **asdict(eval_args), **asdict(ft_args), "lora": lora,
                    "training": _training_settings(sft_args)},
         "perplexity": {**prune_report["perplexity"], **evaluation["perplexity"]},
-        "sparsity": prune_report["sparsity"],
-        "layer_sparsity": prune_report["layer_sparsity"],
-        "masks_digest": evaluation["masks_digest"],
+        **compression,
         "calibration_sha256": prune_report["calibration_sha256"],
         "merge": merge_info,
         "export": {key: value for key, value in evaluation.items() if key.startswith("reloaded_violations")},

@@ -36,13 +36,14 @@ def _save_png(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_layer_sparsity(path: Path, measured: list[float], target: float, title: str) -> Path:
+def plot_layer_sparsity(path: Path, measured: list[float], target: float, title: str,
+                        ylabel: str = "sparsity (%)") -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(measured) + 2), 3.6))
     ax.bar(range(len(measured)), [100 * s for s in measured], color="#4C72B0", label="measured")
     ax.axhline(100 * target, color="#C44E52", linestyle="--", linewidth=1.2, label=f"target {100 * target:.1f}%")
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("sparsity (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(max(0.0, 100 * min(measured) - 10), min(100.0, 100 * max(measured) + 5))
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
@@ -113,23 +114,41 @@ def write_report(output_dir: Path, report: dict[str, Any]) -> None:
     atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
 
 
+def _finetune_lines(report: dict[str, Any]) -> list[str]:
+    """The LoRA and training lines shared by the cards of pruned and of sliced models."""
+    cfg, train = report["config"], report["training"]
+    lora, hyper = cfg["lora"], cfg["training"]
+    return [
+        f"- LoRA: r={lora['lora_r']}, alpha={lora['lora_alpha']}, dropout={lora['lora_dropout']}, "
+        f"targets {lora['lora_target_modules'] or 'every projection of each block'}",
+        f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
+        f"lr {hyper['learning_rate']}, {train['train_seconds']:.0f} s"
+        + (f" (resumed from `{Path(train['resumed_from']).name}`)" if train.get("resumed_from") else ""),
+    ]
+
+
+def _card_header(report: dict[str, Any], tags: str, title: str, intro: str) -> list[str]:
+    return ["---", "library_name: transformers",
+            f"base_model: {report['model']}" if "/" in report["model"] else f"# base model: {report['model']}",
+            f"tags: [{tags}, dlp, lora]", "---", "", f"# {report['model']}, {title}", "", intro, ""]
+
+
+def _fmt_diff(merge: dict) -> str:
+    return str(merge["max_logit_diff"]) if merge["max_logit_diff"] is not None else "not checked"
+
+
 def finetune_markdown(report: dict[str, Any]) -> str:
     """The model card of a pruned + mask-exact-LoRA model (also the run's ``summary.md``)."""
-    cfg, ppl, train, merge = report["config"], report["perplexity"], report["training"], report["merge"]
-    lora, hyper, quant = cfg["lora"], cfg["training"], report.get("quantization")
+    if report.get("method") == "slice":
+        return sliced_finetune_markdown(report)
+    cfg, ppl, merge = report["config"], report["perplexity"], report["merge"]
+    quant = report.get("quantization")
     any_ppl = ppl["finetuned"]
     lines = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {report['model']}" if "/" in report["model"] else f"# base model: {report['model']}",
-        "tags: [pruned, sparse, dlp, lora]",
-        "---",
-        "",
-        f"# {report['model']}, pruned to {100 * report['sparsity']['overall']:.1f}% sparsity and fine-tuned",
-        "",
-        "Pruned with dlp (layerwise sparsity allocation, fixed masks), then fine-tuned with LoRA adapters whose "
-        "update was confined to the masks, and merged: every pruned weight is exactly zero in these files.",
-        "",
+        *_card_header(report, "pruned, sparse", f"pruned to {100 * report['sparsity']['overall']:.1f}% sparsity and "
+                      "fine-tuned", "Pruned with dlp (layerwise sparsity allocation, fixed masks), then fine-tuned with "
+                      "LoRA adapters whose update was confined to the masks, and merged: every pruned weight is exactly "
+                      "zero in these files."),
         "| model | perplexity |",
         "|---|---|",
         f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
@@ -147,18 +166,14 @@ def finetune_markdown(report: dict[str, Any]) -> str:
         f"target {100 * cfg['sparsity']:.1f}%; measured {100 * report['sparsity']['overall']:.2f}% of "
         f"{report['sparsity']['weights']:,} decoder weights",
         f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}",
-        f"- LoRA: r={lora['lora_r']}, alpha={lora['lora_alpha']}, dropout={lora['lora_dropout']}, "
-        f"targets {lora['lora_target_modules'] or 'every pruned projection'}",
-        f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
-        f"lr {hyper['learning_rate']}, {train['train_seconds']:.0f} s"
-        + (f" (resumed from `{Path(train['resumed_from']).name}`)" if train.get("resumed_from") else ""),
+        *_finetune_lines(report),
         *([f"- QLoRA: trained on the pruned base quantized to 4-bit {quant['bnb_4bit_quant_type']} (double quant "
            f"{quant['bnb_4bit_use_double_quant']}, compute {quant['bnb_4bit_compute_dtype']}); merged into the "
            + ("full-precision pruned weights" if merge.get("merge_base", "full") == "full" else
               "dequantized 4-bit weights it was trained on")] if quant else []),
         f"- merge: W' = (W + s·B·A) ⊙ M; nonzero pruned weights after merge: {merge['violations']}, "
         f"after reloading the export: {report['export']['reloaded_violations']}; max |logit difference| "
-        f"adapter vs merged: {merge['max_logit_diff'] if merge['max_logit_diff'] is not None else 'not checked'}",
+        f"adapter vs merged: {_fmt_diff(merge)}",
         f"- masks: `masks.safetensors`, digest `{report['masks_digest'][:16]}…`",
         "",
         "![training loss](loss.png)",
@@ -167,15 +182,97 @@ def finetune_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines + _layer_table(report))
 
 
+def sliced_finetune_markdown(report: dict[str, Any]) -> str:
+    """The model card of a sliced + LoRA model: how to load it (its own modeling file) and what it cost."""
+    cfg, ppl, slicing = report["config"], report["perplexity"], report["slicing"]
+    params, any_ppl = slicing["parameters"], ppl["finetuned"]
+    lines = [
+        *_card_header(report, "sliced, slicegpt, dynamic-slicing", f"sliced by {100 * slicing['mean_fraction']:.1f}% "
+                      "and fine-tuned", "Rotated and sliced with dlp (SliceGPT; per-layer widths "
+                      f"**{cfg['slicing_allocation']}**), then fine-tuned with LoRA and merged. The architecture is in "
+                      "`modeling_sliced_llama.py`: load with `AutoModelForCausalLM.from_pretrained(path, "
+                      "trust_remote_code=True)`."),
+        "| model | perplexity |",
+        "|---|---|",
+        f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
+        f"| sliced | {_fmt_ppl(ppl.get('sliced'))} |",
+        f"| sliced + LoRA (this model) | {_fmt_ppl(any_ppl)} |",
+        "",
+        f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
+        "",
+        "## Recipe",
+        f"- slicing: mean {100 * cfg['slicing']:.1f}% of width {slicing['hidden_size']}, allocation "
+        f"**{cfg['slicing_allocation']}**"
+        + (f" (spread ±{cfg['slicing_spread']})" if cfg["slicing_allocation"] == "lr" else ""),
+        f"- parameters {params['sliced']:,} of {params['dense']:,} ({params['ratio']:.3f}×)",
+        f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}",
+        *_finetune_lines(report),
+        f"- merge: W' = W + s·B·A; max |logit difference| adapter vs merged: {_fmt_diff(report['merge'])}",
+        "",
+        "![training loss](loss.png)",
+        "",
+        "![per-layer slicing](widths.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_finetune_report(output_dir: Path, model_dir: Path, report: dict[str, Any]) -> None:
     """Plots and card into the run directory and the exported model directory; ``report.json`` last."""
     steps = [e["step"] for e in report["log_history"] if "loss" in e]
     losses = [e["loss"] for e in report["log_history"] if "loss" in e]
     card = finetune_markdown(report)
-    plots = [_plot_report_sparsity(output_dir / "sparsity.png", report),
-             plot_loss(output_dir / "loss.png", steps, losses, "mask-exact LoRA: training loss")]
+    shape_plot = _plot_slice_widths(output_dir / "widths.png", report) if report.get("method") == "slice" else \
+        _plot_report_sparsity(output_dir / "sparsity.png", report)
+    plots = [shape_plot, plot_loss(output_dir / "loss.png", steps, losses, "LoRA: training loss")]
     for plot in plots:  # the card in model/ shows the same images: copy them rather than draw them twice
         atomic_write_bytes(model_dir / plot.name, plot.read_bytes())
     atomic_write_text(model_dir / "README.md", card)
     atomic_write_text(output_dir / "summary.md", card)
+    atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
+
+
+def slice_markdown(report: dict[str, Any]) -> str:
+    """The summary of a slicing run: perplexities, parameter counts and the per-layer widths."""
+    cfg, ppl, slicing = report["config"], report["perplexity"], report["slicing"]
+    params, any_ppl = slicing["parameters"], ppl["sliced"]
+    allocation = cfg["slicing_allocation"] + (f" (spread ±{cfg['slicing_spread']})" if cfg["slicing_allocation"] == "lr" else "")
+    lines = [
+        f"# {report['model']}, rotated and sliced",
+        "",
+        f"- mean slicing {100 * cfg['slicing']:.1f}% of the residual width {slicing['hidden_size']}, allocation "
+        f"**{allocation}**; measured mean {100 * slicing['mean_fraction']:.2f}% (widths in multiples of {cfg['slicing_multiple']})",
+        f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}, "
+        f"sha256 `{report['calibration_sha256'][:16]}…`",
+        f"- parameters {params['sliced']:,} of {params['dense']:,} (**{params['ratio']:.3f}×**); without the vocabulary "
+        f"matrices {params['sliced_without_embeddings']:,} of {params['dense_without_embeddings']:,} "
+        f"({params['ratio_without_embeddings']:.3f}×)",
+        f"- slicing took {report['timings']['slice_s']:.1f} s; `model/` loads with "
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+        f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
+        f"| sliced | {_fmt_ppl(any_ppl)} |",
+        "",
+        f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
+        "",
+        "| layer | redundancy | fraction | width |",
+        "|---|---|---|---|",
+    ]
+    redundancy = slicing["redundancy"] or [None] * len(slicing["widths"])
+    for index, (red, frac, width) in enumerate(zip(redundancy, slicing["measured_fractions"], slicing["widths"])):
+        lines.append(f"| {index} | {'—' if red is None else f'{red:.4f}'} | {100 * frac:.1f}% | {width} |")
+    return "\n".join(lines + ["", "![per-layer slicing](widths.png)", ""])
+
+
+def _plot_slice_widths(path: Path, report: dict[str, Any]) -> Path:
+    cfg, slicing = report["config"], report["slicing"]
+    return plot_layer_sparsity(path, slicing["measured_fractions"], cfg["slicing"],
+                               f"{cfg['slicing_allocation']} slicing: per-layer fraction removed", "sliced (%)")
+
+
+def write_slice_report(output_dir: Path, report: dict[str, Any]) -> None:
+    _plot_slice_widths(output_dir / "widths.png", report)
+    atomic_write_text(output_dir / "summary.md", slice_markdown(report))
     atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished

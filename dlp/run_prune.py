@@ -52,7 +52,7 @@ def compute_sparsities(args: PruneArguments, scores: list[LayerScores] | None, p
     return balance(raw, params, args.sparsity, args.max_layer_sparsity)
 
 
-def _key(data: dict[str, Any]) -> str:
+def cache_key(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -63,6 +63,18 @@ def cached_layer_scores(path: Path, key: str, compute) -> list[LayerScores]:
     scores = compute()
     atomic_write_json(path, {"key": key, "layers": [asdict(s) for s in scores]})
     return scores
+
+
+def dense_layer_scores(out: Path, model, model_args, prune_args: PruneArguments, calib, device,
+                       keep_stats: dict | None = None) -> list[LayerScores]:
+    """The dense scoring sweep's per-layer scores, cached in ``layer_scores.json`` (keyed by model, dtype,
+    calibration data and settings). With ``keep_stats`` the sweep always runs and keeps every Linear's statistics."""
+    batch = prune_args.calibration_batch_size
+    key = cache_key({"model": model_args.model_name_or_path, "dtype": model_args.dtype, "data": calib.sha256,
+                     "owl_m": prune_args.owl_m, "batch": batch})
+    compute = lambda: score_layers(model, calib.input_ids, owl_m=prune_args.owl_m, device=device,  # noqa: E731
+                                   batch_size=batch, keep_stats=keep_stats)
+    return compute() if keep_stats is not None else cached_layer_scores(out / "layer_scores.json", key, compute)
 
 
 def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, run_args: RunArguments) -> dict[str, Any]:
@@ -93,13 +105,8 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
     fast = prune_args.prune_mode == "fast" and prune_args.criterion != "magnitude"
     if prune_args.allocation in NEEDS_SCORES or fast:
         start = time.perf_counter()
-        batch = prune_args.calibration_batch_size
-        key = _key({"model": model_id, "dtype": model_args.dtype, "data": calib.sha256, "owl_m": prune_args.owl_m,
-                    "batch": batch})
         stats = {} if fast else None  # fast mode prunes from this sweep's statistics, so it always runs it
-        compute = lambda: score_layers(model, calib.input_ids, owl_m=prune_args.owl_m, device=device,  # noqa: E731
-                                       batch_size=batch, keep_stats=stats)
-        scores = compute() if fast else cached_layer_scores(out / "layer_scores.json", key, compute)
+        scores = dense_layer_scores(out, model, model_args, prune_args, calib, device, stats)
         report["timings"]["score_s"] = time.perf_counter() - start
     sparsities = compute_sparsities(prune_args, scores, params)
     print("[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities))

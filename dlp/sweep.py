@@ -143,13 +143,15 @@ class LayerContext:
     @torch.no_grad()
     def forward(self, keep_outputs: bool = True) -> torch.Tensor | None:
         """Run the layer over all calibration samples, micro-batch by micro-batch (batch size of the capture)."""
-        outputs = torch.empty_like(self.inputs) if keep_outputs else None
+        outputs = None  # allocated from the first result: a sliced layer's outputs may be wider than its inputs
         size = self._captured.batch_size
         for batch, start in enumerate(range(0, self.inputs.shape[0], size)):
             args, kwargs = self._captured.calls[batch][self.index]
             result = self.layer(self.inputs[start : start + size].to(self.device), *args, **kwargs)
             if isinstance(result, (tuple, list)):
                 result = result[0]
+            if keep_outputs and outputs is None:
+                outputs = self.inputs.new_empty((self.inputs.shape[0], *result.shape[1:]), dtype=result.dtype)
             if outputs is not None:
                 outputs[start : start + size] = result.to(outputs.device)
         return outputs

@@ -12,11 +12,13 @@ CHECK = """
 import sys
 from pathlib import Path
 from trl import ModelConfig, SFTConfig
-from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments, parse_config
+from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments, SliceArguments, parse_config
 from dlp.quantize import bnb_config
 for recipe in sorted(Path("recipes").glob("*/*.yaml")):
-    finetunes = "lora" in recipe.stem
-    types = [ModelConfig, PruneArguments, EvalArguments] + ([FinetuneArguments, SFTConfig] if finetunes else [RunArguments])
+    finetunes = "lora" in recipe.stem  # train/prune_lora.py (which also takes the slicing fields)
+    slices = "slice" in recipe.stem  # train/slice.py; other recipes are train/prune.py's
+    types = [ModelConfig, PruneArguments] + ([SliceArguments] if finetunes or slices else []) + [EvalArguments] \
+        + ([FinetuneArguments, SFTConfig] if finetunes else [RunArguments])
     # bf16 recipes are GPU recipes: parse them with bf16 off so this CPU can build the training arguments
     parsed = parse_config(types, ["--config", str(recipe), "--output_dir", "/tmp/unused"] + (["--bf16", "false"] if finetunes else []))
     model_args = parsed[0]
@@ -32,4 +34,4 @@ def test_every_recipe_parses():
     assert result.returncode == 0, result.stderr[-2000:]
     parsed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")}
     shipped = {str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*/*.yaml")}
-    assert parsed == shipped and len(shipped) >= 9
+    assert parsed == shipped and len(shipped) >= 12

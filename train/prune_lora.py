@@ -1,4 +1,5 @@
-"""Prune a causal LM, fine-tune mask-exact LoRA adapters on the fixed masks, merge, export and evaluate.
+"""Prune a causal LM, fine-tune mask-exact LoRA adapters on the fixed masks, merge, export and evaluate
+(or, with ``method: slice``, rotate and slice it and fine-tune LoRA on the smaller dense model).
 
     accelerate launch train/prune_lora.py --config recipes/smollm2-135m/dlp_wanda_70_lora.yaml [--field value ...]
     accelerate launch --config_file accelerate_configs/ddp.yaml train/prune_lora.py --config ...
@@ -16,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from trl import ModelConfig, SFTConfig  # noqa: E402
 
 from dlp.cli import run_cli  # noqa: E402
-from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, parse_config  # noqa: E402
+from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, SliceArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.pipeline import run_prune_lora  # noqa: E402
 from dlp.runtime import use_cpu_without_accelerator  # noqa: E402
@@ -24,12 +25,14 @@ from dlp.runtime import use_cpu_without_accelerator  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     launch_defaults = use_cpu_without_accelerator()
-    model_args, prune_args, eval_args, ft_args, sft_args = parse_config(
-        [ModelConfig, PruneArguments, EvalArguments, FinetuneArguments, SFTConfig], argv, launch_defaults)
+    model_args, prune_args, slice_args, eval_args, ft_args, sft_args = parse_config(
+        [ModelConfig, PruneArguments, SliceArguments, EvalArguments, FinetuneArguments, SFTConfig], argv, launch_defaults)
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
-    report = run_prune_lora(model_args, prune_args, eval_args, ft_args, sft_args)
+    report = run_prune_lora(model_args, prune_args, eval_args, ft_args, sft_args, slice_args)
     ppl = " → ".join(f"{name} {entry['value']:.2f}" for name, entry in report["perplexity"].items() if entry)
-    print(f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity {ppl}")
+    shrink = (f"sliced {100 * report['slicing']['mean_fraction']:.2f}% of the width" if report.get("method") == "slice"
+              else f"sparsity {100 * report['sparsity']['overall']:.2f}%")
+    print(f"[dlp] {shrink} | perplexity {ppl}")
     print(f"[dlp] results in {sft_args.output_dir}: model/ (merged, loads with transformers), report.json, summary.md")
     return report
 

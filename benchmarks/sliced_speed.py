@@ -1,0 +1,107 @@
+"""Throughput and size of sliced models against the dense model, measured side by side in one run.
+
+    python benchmarks/sliced_speed.py --sliced outputs/smollm2-135m/slice_lr_25/model [more sliced model dirs ...]
+        [--prefill 4x512] [--decode 64] [--repeats 5] [--out benchmarks/results/sliced_speed.json]
+
+For the dense model (``--dense``, default the SmolLM2 demo) and every sliced model directory (a train/slice.py
+``model/`` or a sliced + LoRA export), in the same process and with the same threads:
+
+* parameters, with and without the vocabulary matrices (tied ones counted once);
+* prefill: tokens per second of a forward over a batch of windows (``--prefill BxT``), no cache;
+* decode: tokens per second of greedy generation with the KV cache, batch 1, ``--decode`` new tokens after a
+  32-token prompt.
+
+The models are timed in turns (dense, sliced, dense, sliced, ...) ``--repeats`` times after a warm-up, and the
+median of each is reported, so a noisy machine slows all of them alike; the ratios are sliced / dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from dlp.io import atomic_write_json  # noqa: E402
+from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer  # noqa: E402
+from dlp.runtime import setup  # noqa: E402
+from dlp.slicing import parameter_count  # noqa: E402
+
+
+@torch.no_grad()
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense", default=DEMO_MODEL)
+    parser.add_argument("--sliced", nargs="+", required=True, help="sliced model directories")
+    parser.add_argument("--prefill", default="4x512", help="batch x tokens of the prefill forward")
+    parser.add_argument("--decode", type=int, default=64, help="new tokens generated (batch 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/sliced_speed.json")
+    args = parser.parse_args()
+    setup(0)
+    batch, length = (int(v) for v in args.prefill.lower().split("x"))
+    models = {"dense": load_model_and_tokenizer(args.dense)[0]}
+    for path in args.sliced:
+        models[str(path)] = load_model_and_tokenizer(path)[0]
+    vocab = models["dense"].config.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    prompt = ids[:1, :32]
+    prefill, decode = {name: [] for name in models}, {name: [] for name in models}
+    for name, model in models.items():  # warm-up (allocator, kernels)
+        prefill_seconds(model, ids[:1, :64])
+        decode_seconds(model, prompt, 4)
+    for repeat in range(args.repeats):
+        for name, model in models.items():
+            prefill[name].append(prefill_seconds(model, ids))
+            decode[name].append(decode_seconds(model, prompt, args.decode))
+        print(f"[bench] repeat {repeat + 1}/{args.repeats} done", flush=True)
+    results = {}
+    for name, model in models.items():
+        results[name] = {
+            "parameters": parameter_count(model),
+            "parameters_without_embeddings": parameter_count(model, embeddings=False),
+            "widths": getattr(model.config, "sliced_attention_dims", None),
+            "prefill_tokens_per_s": batch * length / statistics.median(prefill[name]),
+            "decode_tokens_per_s": args.decode / statistics.median(decode[name]),
+            "prefill_s": prefill[name], "decode_s": decode[name],
+        }
+    dense = results["dense"]
+    for name, entry in results.items():
+        entry["ratios"] = {key: entry[key] / dense[key] for key in
+                           ("parameters", "parameters_without_embeddings", "prefill_tokens_per_s", "decode_tokens_per_s")}
+    report = {"dense": args.dense, "prefill": f"{batch}x{length}", "decode_new_tokens": args.decode,
+              "repeats": args.repeats, "threads": torch.get_num_threads(), "machine": platform.processor() or
+              platform.machine(), "torch": torch.__version__, "models": results}
+    atomic_write_json(args.out, report)
+    print(f"{'model':<55} {'params':>12} {'w/o emb':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for name, entry in results.items():
+        r = entry["ratios"]
+        print(f"{name:<55} {entry['parameters']:>12,} {r['parameters_without_embeddings']:>7.3f}x "
+              f"{entry['prefill_tokens_per_s']:>8.0f} ({r['prefill_tokens_per_s']:.2f}x) "
+              f"{entry['decode_tokens_per_s']:>6.1f} ({r['decode_tokens_per_s']:.2f}x)")
+    print(f"[bench] written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

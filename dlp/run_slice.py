@@ -1,0 +1,115 @@
+"""The slice stage: calibration → (Layer Redundancy scores) → per-layer widths → rotated and sliced model → report.
+
+Artifacts in ``output_dir``, each written atomically: ``layer_scores.json`` (the dense scoring sweep, shared with
+pruning and keyed the same way), ``model/`` (the sliced model with its own modeling file, loadable with
+``trust_remote_code=True``) with ``slicing.json`` beside it (the widths and what produced them: a rerun with the
+same recipe and data reuses the model), then ``report.json``, ``summary.md`` and ``widths.png``; ``report.json``
+comes last and marks the stage finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .config import EvalArguments, PruneArguments, RunArguments, SliceArguments
+from .data import load_calibration
+from .evaluate import perplexity
+from .io import atomic_write_json, read_json
+from .merge import export_model
+from .modeling import find_decoder_layers, load_model_and_tokenizer
+from .report import write_slice_report
+from .run_prune import dense_layer_scores
+from .runtime import resolve_device, setup
+from .slicing import check_sliceable, parameter_count, slice_model, sliced_widths, slicing_fractions
+
+SLICING_FILE = "slicing.json"
+CALIBRATION_FIELDS = ("calibration_data", "calibration_split", "nsamples", "seqlen", "calibration_batch_size", "device")
+
+
+def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments, eval_args: EvalArguments,
+              run_args: RunArguments) -> dict[str, Any]:
+    """Slice ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+    out = Path(run_args.output_dir)
+    if run_args.overwrite and out.exists():
+        shutil.rmtree(out)
+    finished = read_json(out / "report.json")
+    if finished is not None:
+        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+        return finished
+    setup(run_args.seed)
+    device = resolve_device(prune_args.device)
+    model_id = model_args.model_name_or_path
+    model, tokenizer = load_model_and_tokenizer(model_id, model_args.dtype or "float32",
+                                                model_args.attn_implementation or "sdpa")
+    check_sliceable(model)
+    calib = load_calibration(tokenizer, prune_args.calibration_data, prune_args.nsamples, prune_args.seqlen,
+                             run_args.seed, prune_args.calibration_split)
+    ppl_kwargs = dict(seqlen=eval_args.eval_seqlen, max_windows=eval_args.max_windows,
+                      batch_size=eval_args.eval_batch_size, device=device)
+    config = {**{name: getattr(prune_args, name) for name in CALIBRATION_FIELDS}, **asdict(slice_args),
+              **asdict(run_args)}
+    report: dict[str, Any] = {"model": model_id, "config": config, "perplexity": {}, "timings": {}}
+    if eval_args.eval_dense:
+        report["perplexity"]["dense"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
+        print(f"[dlp] dense perplexity {report['perplexity']['dense']['value']:.2f}")
+
+    _, layers = find_decoder_layers(model)
+    redundancy = None
+    if slice_args.slicing_allocation == "lr":
+        start = time.perf_counter()
+        redundancy = [s.redundancy for s in dense_layer_scores(out, model, model_args, prune_args, calib, device)]
+        report["timings"]["score_s"] = time.perf_counter() - start
+    fractions = slicing_fractions(slice_args.slicing_allocation, slice_args.slicing, len(layers), redundancy,
+                                  slice_args.slicing_spread)
+    widths = sliced_widths(fractions, model.config.hidden_size, slice_args.slicing_multiple)
+    print("[dlp] sliced widths: " + " ".join(str(w) for w in widths))
+
+    metadata = {"model": model_id, "recipe": config, "widths": widths, "seed": run_args.seed,
+                "calibration_sha256": calib.sha256}
+    start = time.perf_counter()
+    sliced = _resume_sliced(out, metadata, model_args)
+    if sliced is None:
+        sliced = slice_model(model, calib.input_ids, widths, device=device,
+                             batch_size=prune_args.calibration_batch_size)
+        export_model(sliced, tokenizer, None, out / "model")  # with its modeling file
+        atomic_write_json(out / SLICING_FILE, metadata)
+    report["timings"]["slice_s"] = time.perf_counter() - start
+    report["perplexity"]["sliced"] = perplexity(sliced, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
+    print(f"[dlp] sliced perplexity {report['perplexity']['sliced']['value']:.2f}")
+    report["slicing"] = _slicing_summary(model, sliced, fractions, widths, redundancy)
+    report["calibration_sha256"] = calib.sha256
+    write_slice_report(out, report)
+    return report
+
+
+def _resume_sliced(out: Path, metadata: dict, model_args):
+    """The sliced model of an earlier run of the same recipe and data that stopped after slicing, or None."""
+    saved = read_json(out / SLICING_FILE)
+    if saved is None or json.dumps(saved, sort_keys=True) != json.dumps(metadata, sort_keys=True):
+        return None
+    print(f"[dlp] resuming: {out / 'model'} matches this recipe; slicing skipped")
+    model, _ = load_model_and_tokenizer(str(out / "model"), model_args.dtype or "float32",
+                                        model_args.attn_implementation or "sdpa")
+    return model
+
+
+def _slicing_summary(dense, sliced, fractions: list[float], widths: list[int], redundancy) -> dict[str, Any]:
+    hidden = dense.config.hidden_size
+    dense_params, sliced_params = parameter_count(dense), parameter_count(sliced)
+    dense_blocks, sliced_blocks = parameter_count(dense, embeddings=False), parameter_count(sliced, embeddings=False)
+    return {
+        "hidden_size": hidden,
+        "fractions": fractions,
+        "widths": widths,
+        "measured_fractions": [1.0 - w / hidden for w in widths],
+        "mean_fraction": 1.0 - sum(widths) / (hidden * len(widths)),
+        "redundancy": redundancy,
+        "parameters": {"dense": dense_params, "sliced": sliced_params, "ratio": sliced_params / dense_params,
+                       "dense_without_embeddings": dense_blocks, "sliced_without_embeddings": sliced_blocks,
+                       "ratio_without_embeddings": sliced_blocks / dense_blocks},
+    }

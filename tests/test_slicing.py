@@ -1,0 +1,210 @@
+"""Rotate-and-slice (SliceGPT / Dynamic Slicing): the widths, the principal bases, exactness of the rotation,
+the sliced architecture and its standalone export, and the slice → LoRA pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, requires_demo_model, tiny_model
+from dlp.errors import DlpError
+from dlp.merge import export_model
+from dlp.slicing import (parameter_count, principal_basis, slice_model, sliced_widths, slicing_fractions)
+from test_prune_lora import ENV, run, write_recipe
+
+ROTATION_TOLERANCE = 1e-4  # fp32 max |logit difference| of a rotated, unsliced model
+
+
+def llama_with_scaled_norms(seed: int = 0, **config):
+    """A tiny random Llama whose RMSNorm scales are not all ones (so folding them is actually tested)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    fields.update(config)
+    model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.copy_(1.0 + 0.5 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
+    return model
+
+
+def max_logit_diff(a, b, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max())
+
+
+# --- widths and fractions (hand-computed)
+
+def test_widths_keep_the_mean_fraction_where_rounding_each_layer_would_not():
+    widths = sliced_widths([0.3] * 30, 576, 8)  # 0.7·576 = 403.2 = 50.4 units of 8
+    assert widths == [408] * 12 + [400] * 18  # 12 remainders of 0.4 → +1 unit, earliest layers first
+    assert sum(widths) / (30 * 576) == pytest.approx(0.7)
+    assert sliced_widths([0.25] * 4, 576, 8) == [432] * 4
+    assert sliced_widths([0.0, 0.5], 64, 8) == [64, 32]
+    assert sliced_widths([0.1, 0.2, 0.3], 40, 1) == [36, 32, 28]
+
+
+def test_lr_fractions_slice_the_most_redundant_layer_most_around_the_mean():
+    fractions = slicing_fractions("lr", 0.25, 3, redundancy=[0.1, 0.9, 0.5], spread=0.1)
+    assert fractions == pytest.approx([0.15, 0.35, 0.25])
+    assert slicing_fractions("uniform", 0.3, 2) == [0.3, 0.3]
+    with pytest.raises(DlpError, match="redundancy"):
+        slicing_fractions("lr", 0.25, 3, redundancy=[0.1])
+
+
+def test_principal_basis_orders_directions_by_energy():
+    gram = torch.diag(torch.tensor([1.0, 9.0, 4.0], dtype=torch.float64))
+    basis = principal_basis(gram, 2)
+    assert basis.shape == (3, 2)
+    assert torch.allclose(basis.abs(), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    rotated = principal_basis(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), 1)  # eigenvalues 3 (along [1, 1]) and 1
+    assert torch.allclose(rotated.abs().flatten(), torch.full((2,), 0.5 ** 0.5, dtype=torch.float64))
+
+
+# --- exactness of the rotation and the sliced architecture
+
+@pytest.mark.parametrize("config", [dict(tie_word_embeddings=True), dict(tie_word_embeddings=False),
+                                    dict(attention_bias=True, mlp_bias=True)], ids=["tied", "untied", "biases"])
+def test_rotation_without_slicing_leaves_the_logits_unchanged(config, calib_ids):
+    dense = llama_with_scaled_norms(**config)
+    rotated = slice_model(dense, calib_ids, [32, 32, 32], batch_size=2)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert max_logit_diff(dense, rotated, ids) <= ROTATION_TOLERANCE
+    assert any(not torch.allclose(a.weight, b.weight) for a, b in  # it did rotate (the weights changed)
+               zip([dense.model.layers[1].self_attn.q_proj], [rotated.model.layers[1].self_attn.q_proj]))
+
+
+def test_sliced_model_has_the_allocated_shapes_and_fewer_parameters(calib_ids):
+    dense = llama_with_scaled_norms(tie_word_embeddings=True)
+    sliced = slice_model(dense, calib_ids, [24, 16, 20], batch_size=4)
+    block = sliced.model.layers[1]
+    assert block.self_attn.q_proj.weight.shape == (32, 16) and block.self_attn.o_proj.weight.shape == (16, 32)
+    assert block.mlp.gate_proj.weight.shape == (64, 16) and block.mlp.down_proj.weight.shape == (20, 64)
+    assert block.attn_shortcut.weight.shape == (16, 16) and block.mlp_shortcut.weight.shape == (20, 16)
+    assert sliced.model.layers[0].input_proj.weight.shape == (24, 32) and sliced.model.norm.proj.weight.shape == (32, 20)
+    assert parameter_count(sliced, embeddings=False) < parameter_count(dense, embeddings=False)
+    assert sliced.lm_head.weight is sliced.model.embed_tokens.weight  # tied embeddings stay tied
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.isfinite(sliced(input_ids=ids).logits).all()
+
+
+def test_slicing_does_not_depend_on_the_calibration_batch_size(calib_ids):
+    dense = llama_with_scaled_norms()
+    one = slice_model(dense, calib_ids, [24, 24, 24], batch_size=1)
+    four = slice_model(dense, calib_ids, [24, 24, 24], batch_size=4)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert max_logit_diff(one, four, ids) <= 1e-4
+
+
+def test_more_width_keeps_the_model_closer_to_dense(calib_ids):
+    """On the calibration windows themselves the sliced-off energy shrinks as the width grows."""
+    dense = llama_with_scaled_norms()
+    errors = [max_logit_diff(dense, slice_model(dense, calib_ids, [w] * 3, batch_size=4), calib_ids)
+              for w in (8, 16, 24, 32)]
+    assert errors[-1] <= ROTATION_TOLERANCE and errors[0] > errors[-1]
+
+
+def test_generation_with_the_kv_cache_matches_recomputing(calib_ids):
+    sliced = slice_model(llama_with_scaled_norms(), calib_ids, [24, 16, 20], batch_size=4)
+    prompt = torch.tensor([[5, 17, 3, 99]])
+    cached = sliced.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    recomputed = sliced.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed) and cached.shape[1] == 10
+
+
+def test_export_reloads_without_dlp_with_identical_logits(calib_ids, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    sliced = slice_model(llama_with_scaled_norms(), calib_ids, [24, 16, 20], batch_size=4)
+    target = export_model(sliced, AutoTokenizer.from_pretrained(tiny_model_dir), None, tmp_path / "sliced")
+    config = json.loads((target / "config.json").read_text())
+    assert (target / "modeling_sliced_llama.py").is_file() and config["model_type"] == "sliced_llama"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sliced_llama.SlicedLlamaForCausalLM"
+    probe = tmp_path / "logits.pt"
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
+            f"m = M.from_pretrained({str(target)!r}, trust_remote_code=True).eval(); "
+            "ids = torch.arange(40).view(2, 20) % 128; "
+            f"torch.save(m(input_ids=ids).logits, {str(probe)!r}); "
+            "assert not any(k == 'dlp' or k.startswith('dlp.') for k in sys.modules), 'dlp was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with torch.no_grad():
+        expected = sliced(input_ids=torch.arange(40).view(2, 20) % 128).logits
+    assert torch.equal(torch.load(probe), expected)
+
+
+def test_only_llama_architectures_are_sliced(calib_ids):
+    with pytest.raises(DlpError, match="slicing supports model_type llama.*'qwen2'"):
+        slice_model(tiny_model("qwen2"), calib_ids, [24, 24, 24])
+
+
+# --- scripts
+
+def test_slice_script_rejects_bad_values_with_one_line(tiny_model_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, slicing=1.2)
+    result = run([sys.executable, str(REPO / "train" / "slice.py"), "--config", str(recipe)])
+    assert result.returncode == 2 and result.stderr.strip() == "error: slicing must be in [0, 1) (got 1.2)"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, slicing_allocation="owl")
+    result = run([sys.executable, str(REPO / "train" / "slice.py"), "--config", str(recipe)])
+    assert result.returncode == 2 and "slicing_allocation must be one of uniform, lr (got 'owl')" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def sliced_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sliced")
+    recipe = write_recipe(out / "recipe.yaml", tiny_model_dir, method="slice", slicing=0.25, slicing_allocation="lr",
+                          slicing_spread=0.1, slicing_multiple=1, max_steps=30)
+    result = run([sys.executable, str(REPO / "train" / "prune_lora.py"), "--config", str(recipe),
+                  "--output_dir", str(out / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "run"
+
+
+def test_slice_then_lora_pipeline_exports_a_smaller_model_that_reloads(sliced_lora_run):
+    run_dir = sliced_lora_run
+    for name in ("slice/model/modeling_sliced_llama.py", "slice/report.json", "slice/widths.png",
+                 "adapter/adapter_config.json", "model/modeling_sliced_llama.py", "model/README.md", "report.json",
+                 "summary.md", "widths.png", "loss.png"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "model" / "masks.safetensors").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    slicing = report["slicing"]
+    assert report["method"] == "slice" and set(report["perplexity"]) == {"dense", "sliced", "finetuned"}
+    assert slicing["mean_fraction"] == pytest.approx(0.25, abs=0.01) and len(set(slicing["widths"])) > 1
+    assert slicing["parameters"]["ratio_without_embeddings"] < 1.0
+    assert report["merge"]["max_logit_diff"] <= 1e-4
+    assert report["perplexity"]["finetuned"]["value"] < report["perplexity"]["sliced"]["value"]
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "trust_remote_code=True" in (run_dir / "model" / "README.md").read_text()
+
+
+def test_method_slice_refuses_a_4bit_base(tiny_model_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, method="slice", load_in_4bit=True)
+    result = run([sys.executable, str(REPO / "train" / "prune_lora.py"), "--config", str(recipe),
+                  "--output_dir", str(tmp_path / "run")])
+    assert result.returncode == 2 and "load_in_4bit is supported with method prune only" in result.stderr
+
+
+@pytest.mark.real_model
+@requires_demo_model
+def test_smollm2_rotation_without_slicing_keeps_its_logits():
+    from dlp.data import load_calibration
+    from dlp.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    calib = load_calibration(tokenizer, "builtin:wikitext2-valid", 4, 128, 0, "train")
+    rotated = slice_model(model, calib.input_ids, [model.config.hidden_size] * model.config.num_hidden_layers,
+                          batch_size=4)
+    diff = max_logit_diff(model, rotated, calib.input_ids[:2, :64])
+    assert diff <= 1e-3, diff  # 30 blocks of fp32 rounding on logits of magnitude ~20
