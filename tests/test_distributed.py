@@ -103,3 +103,23 @@ def test_ranks_with_different_masks_all_fail(digests, expected, tmp_path):
     mp.spawn(_compare_masks, args=(digests, port, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(expected)
+
+
+@needs_deepspeed
+def test_sliced_model_trains_under_zero3_as_in_one_process(tiny_model_dir, tmp_path):
+    """The sliced architecture (dlp's own model class) is sharded by ZeRO-3 and trains to the 1-process model."""
+    slicing = dict(method="slice", slicing=0.25, slicing_allocation="lr", slicing_multiple=1, max_steps=STEPS,
+                   save_steps=3)
+    one = write_recipe(tmp_path / "one.yaml", tiny_model_dir, per_device_train_batch_size=GLOBAL_BATCH, **slicing)
+    result = run([sys.executable, str(SCRIPT), "--config", str(one), "--output_dir", str(tmp_path / "one")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = write_recipe(tmp_path / "two.yaml", tiny_model_dir, per_device_train_batch_size=GLOBAL_BATCH // 2, **slicing)
+    result = launch("deepspeed_zero3.yaml", two, tmp_path / "two")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "(50%)" in result.stdout
+    ours, theirs = merged_weights(tmp_path / "two"), merged_weights(tmp_path / "one")
+    base = merged_weights(tmp_path / "one" / "slice")
+    assert ours.keys() == theirs.keys() == base.keys()
+    assert max(float((theirs[k] - base[k]).abs().max()) for k in theirs) > 1e-3
+    for key in theirs:
+        assert float((ours[key] - theirs[key]).abs().max()) <= 1e-4 * (float(theirs[key].abs().max()) or 1.0), key

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     shrink = (f"sliced {100 * report['slicing']['mean_fraction']:.2f}% of the width" if report.get("method") == "slice"
               else f"sparsity {100 * report['sparsity']['overall']:.2f}%")
     print(f"[dlp] {shrink} | perplexity {ppl}")
-    print(f"[dlp] results in {sft_args.output_dir}: model/ (merged, loads with transformers), report.json, summary.md")
+    loads = "trust_remote_code=True" if report.get("method") == "slice" else "loads with transformers"
+    print(f"[dlp] results in {sft_args.output_dir}: model/ (merged, {loads}), report.json, summary.md")
     return report
 
 
