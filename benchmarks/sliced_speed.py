@@ -6,7 +6,8 @@
 For the dense model (``--dense``, default the SmolLM2 demo) and every sliced model directory (a train/slice.py
 ``model/`` or a sliced + LoRA export), in the same process and with the same threads:
 
-* parameters, with and without the vocabulary matrices (tied ones counted once);
+* parameters, with and without the vocabulary matrices (tied ones counted once), and the multiply-adds per
+  token of all Linear layers (the head included): the speed-up a perfectly efficient kernel would give;
 * prefill: tokens per second of a forward over a batch of windows (``--prefill BxT``), no cache;
 * decode: tokens per second of greedy generation with the KV cache, batch 1, ``--decode`` new tokens after a
   32-token prompt.
@@ -32,6 +33,10 @@ from dlp.io import atomic_write_json  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer  # noqa: E402
 from dlp.runtime import setup  # noqa: E402
 from dlp.slicing import parameter_count  # noqa: E402
+
+
+def linear_macs_per_token(model) -> int:
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @torch.no_grad()
@@ -81,6 +86,7 @@ def main() -> None:
         results[name] = {
             "parameters": parameter_count(model),
             "parameters_without_embeddings": parameter_count(model, embeddings=False),
+            "linear_macs_per_token": linear_macs_per_token(model),
             "widths": getattr(model.config, "sliced_attention_dims", None),
             "prefill_tokens_per_s": batch * length / statistics.median(prefill[name]),
             "decode_tokens_per_s": args.decode / statistics.median(decode[name]),
@@ -89,15 +95,17 @@ def main() -> None:
     dense = results["dense"]
     for name, entry in results.items():
         entry["ratios"] = {key: entry[key] / dense[key] for key in
-                           ("parameters", "parameters_without_embeddings", "prefill_tokens_per_s", "decode_tokens_per_s")}
+                           ("parameters", "parameters_without_embeddings", "linear_macs_per_token", "prefill_tokens_per_s",
+                            "decode_tokens_per_s")}
     report = {"dense": args.dense, "prefill": f"{batch}x{length}", "decode_new_tokens": args.decode,
               "repeats": args.repeats, "threads": torch.get_num_threads(), "machine": platform.processor() or
               platform.machine(), "torch": torch.__version__, "models": results}
     atomic_write_json(args.out, report)
-    print(f"{'model':<55} {'params':>12} {'w/o emb':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'model':<55} {'params':>12} {'w/o emb':>8} {'MACs':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, entry in results.items():
         r = entry["ratios"]
         print(f"{name:<55} {entry['parameters']:>12,} {r['parameters_without_embeddings']:>7.3f}x "
+              f"{r['linear_macs_per_token']:>6.3f}x "
               f"{entry['prefill_tokens_per_s']:>8.0f} ({r['prefill_tokens_per_s']:.2f}x) "
               f"{entry['decode_tokens_per_s']:>6.1f} ({r['decode_tokens_per_s']:.2f}x)")
     print(f"[bench] written to {args.out}")
