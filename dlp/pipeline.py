@@ -82,11 +82,12 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     _claim_output_dir(out, _recipe(model_args, prune_args, eval_args, ft_args, sft_args, slice_args), state)
 
     if ft_args.method == "slice":
-        prune_dir, prune_report = _slice_stage(model_args, prune_args, slice_args, eval_args, ft_args, sft_args.seed,
-                                               out, state)
+        prune_dir, prune_report = _compress_stage("slice", ft_args.slice_dir, lambda run_args: run_slice(
+            model_args, prune_args, slice_args, eval_args, run_args), sft_args.seed, out, state)
         masks = None
     else:
-        prune_dir, prune_report = _prune_stage(model_args, prune_args, eval_args, ft_args, sft_args.seed, out, state)
+        prune_dir, prune_report = _compress_stage("prune", ft_args.prune_dir, lambda run_args: run_prune(
+            model_args, prune_args, eval_args, run_args), sft_args.seed, out, state)
         masks = MaskSet.load(prune_dir / "masks.safetensors")
         check_same_masks(masks.digest(), state)
     if not (out / "adapter" / "adapter_config.json").is_file():
@@ -126,38 +127,22 @@ def _claim_output_dir(out: Path, recipe: dict[str, Any], state) -> None:
     state.wait_for_everyone()
 
 
-def _prune_stage(model_args, prune_args, eval_args, ft_args, seed: int, out: Path, state) -> tuple[Path, dict]:
-    """Prune on the main process only; the other processes wait, then read its finished report."""
-    if ft_args.prune_dir:
-        prune_dir = Path(ft_args.prune_dir)
-        report = read_json(prune_dir / "report.json")
-        require(report is not None and (prune_dir / "model" / "config.json").is_file(),
-                f"prune_dir: {prune_dir} is not a finished train/prune.py run (report.json and model/ are needed)")
-        return prune_dir, report
-    prune_dir = out / "prune"
+def _compress_stage(method: str, reuse_dir: str | None, run, seed: int, out: Path, state) -> tuple[Path, dict]:
+    """Prune or slice (``run(run_args)``, i.e. train/prune.py's or train/slice.py's work) on the main process only;
+    the other processes wait, then read its finished report. ``reuse_dir``: a finished run of that script."""
+    if reuse_dir:
+        base_dir = Path(reuse_dir)
+        report = read_json(base_dir / "report.json")
+        require(report is not None and ("slicing" in report) == (method == "slice")
+                and (base_dir / "model" / "config.json").is_file(),
+                f"{method}_dir: {base_dir} is not a finished train/{method}.py run (report.json and model/ are needed)")
+        return base_dir, report
+    base_dir = out / method
     if state.is_main_process:
-        run_args = RunArguments(output_dir=str(prune_dir), seed=seed, overwrite=False, save_model=True)
         with zero3_init_disabled():
-            run_prune(model_args, prune_args, eval_args, run_args)
+            run(RunArguments(output_dir=str(base_dir), seed=seed, overwrite=False, save_model=True))
     state.wait_for_everyone()  # the others wait for the main process's finished report
-    return prune_dir, read_json(prune_dir / "report.json")
-
-
-def _slice_stage(model_args, prune_args, slice_args, eval_args, ft_args, seed: int, out: Path, state) -> tuple[Path, dict]:
-    """Slice on the main process only (as :func:`_prune_stage` prunes), or reuse ``slice_dir``."""
-    if ft_args.slice_dir:
-        slice_dir = Path(ft_args.slice_dir)
-        report = read_json(slice_dir / "report.json")
-        require(report is not None and "slicing" in report and (slice_dir / "model" / "config.json").is_file(),
-                f"slice_dir: {slice_dir} is not a finished train/slice.py run (report.json and model/ are needed)")
-        return slice_dir, report
-    slice_dir = out / "slice"
-    if state.is_main_process:
-        run_args = RunArguments(output_dir=str(slice_dir), seed=seed, overwrite=False, save_model=True)
-        with zero3_init_disabled():
-            run_slice(model_args, prune_args, slice_args, eval_args, run_args)
-    state.wait_for_everyone()
-    return slice_dir, read_json(slice_dir / "report.json")
+    return base_dir, read_json(base_dir / "report.json")
 
 
 def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskSet | None, out: Path, state) -> None:

@@ -77,19 +77,33 @@ def dense_layer_scores(out: Path, model, model_args, prune_args: PruneArguments,
     return compute() if keep_stats is not None else cached_layer_scores(out / "layer_scores.json", key, compute)
 
 
-def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, run_args: RunArguments) -> dict[str, Any]:
-    """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+def finished_run(run_args: RunArguments) -> dict[str, Any] | None:
+    """Start over (``--overwrite``), or return the report of a run already finished in ``output_dir``."""
     out = Path(run_args.output_dir)
     if run_args.overwrite and out.exists():
         shutil.rmtree(out)
     finished = read_json(out / "report.json")
     if finished is not None:
         print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
-        return finished
+    return finished
+
+
+def prepare_run(model_args, prune_args: PruneArguments, run_args: RunArguments):
+    """Seeds, the compute device and the dense model with its tokenizer, for a run that is not finished yet."""
     setup(run_args.seed)
-    device = resolve_device(prune_args.device)
+    model, tokenizer = load_model_and_tokenizer(model_args.model_name_or_path, model_args.dtype or "float32",
+                                                model_args.attn_implementation or "sdpa")
+    return model, tokenizer, resolve_device(prune_args.device)
+
+
+def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, run_args: RunArguments) -> dict[str, Any]:
+    """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+    out = Path(run_args.output_dir)
+    finished = finished_run(run_args)
+    if finished is not None:
+        return finished
+    model, tokenizer, device = prepare_run(model_args, prune_args, run_args)
     model_id = model_args.model_name_or_path
-    model, tokenizer = load_model_and_tokenizer(model_id, model_args.dtype or "float32", model_args.attn_implementation or "sdpa")
     calib = load_calibration(tokenizer, prune_args.calibration_data, prune_args.nsamples, prune_args.seqlen,
                              run_args.seed, prune_args.calibration_split)
     ppl_kwargs = dict(seqlen=eval_args.eval_seqlen, max_windows=eval_args.max_windows,

@@ -10,7 +10,6 @@ comes last and marks the stage finished.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,8 +22,7 @@ from .io import atomic_write_json, read_json
 from .merge import export_model
 from .modeling import find_decoder_layers, load_model_and_tokenizer
 from .report import write_slice_report
-from .run_prune import dense_layer_scores
-from .runtime import resolve_device, setup
+from .run_prune import dense_layer_scores, finished_run, prepare_run
 from .slicing import check_sliceable, parameter_count, slice_model, sliced_widths, slicing_fractions
 
 SLICING_FILE = "slicing.json"
@@ -35,17 +33,11 @@ def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments
               run_args: RunArguments) -> dict[str, Any]:
     """Slice ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
     out = Path(run_args.output_dir)
-    if run_args.overwrite and out.exists():
-        shutil.rmtree(out)
-    finished = read_json(out / "report.json")
+    finished = finished_run(run_args)
     if finished is not None:
-        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
         return finished
-    setup(run_args.seed)
-    device = resolve_device(prune_args.device)
+    model, tokenizer, device = prepare_run(model_args, prune_args, run_args)
     model_id = model_args.model_name_or_path
-    model, tokenizer = load_model_and_tokenizer(model_id, model_args.dtype or "float32",
-                                                model_args.attn_implementation or "sdpa")
     check_sliceable(model)
     calib = load_calibration(tokenizer, prune_args.calibration_data, prune_args.nsamples, prune_args.seqlen,
                              run_args.seed, prune_args.calibration_split)
