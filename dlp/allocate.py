@@ -26,6 +26,7 @@ import torch
 from .errors import DlpError, require
 
 ALLOCATIONS = ("uniform", "owl", "dlp", "lr", "explicit")
+SLICING_ALLOCATIONS = ("uniform", "lr")  # per-layer slicing fractions (dlp/slicing.py)
 DLP_STATISTICS = ("median", "mean")
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .allocate import ALLOCATIONS, DLP_STATISTICS
+from .allocate import ALLOCATIONS, DLP_STATISTICS, SLICING_ALLOCATIONS
 from .errors import DlpError, require
 from .layerwise import CRITERIA, MODES
 from .prune import parse_pattern
-from .slicing import SLICING_ALLOCATIONS
 
 
 MERGE_BASES = ("full", "dequantized")

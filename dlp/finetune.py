@@ -22,7 +22,6 @@ from .errors import DlpError, require
 from .lora import attach_masks
 from .masks import MaskSet
 from .modeling import prunable_linears
-from .sliced_llama import SLICING_STRUCTURE
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -30,6 +29,8 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
     A sliced model's basis changes (``input_proj``, ``attn_shortcut``, ``mlp_shortcut``) are left out: they are
     rotations, not learned projections, and an adapter on them would only add parameters."""
+    from .sliced_llama import SLICING_STRUCTURE  # here, not at import: it loads transformers' Llama code
+
     names = {name.rsplit(".", 1)[-1] for name in prunable_linears(model)}
     return sorted(names - set(SLICING_STRUCTURE))
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import sliced_llama  # noqa: F401  (registers the sliced architecture with the Auto classes)
 from .errors import DlpError, require
 from .io import atomic_dir
 
@@ -91,6 +90,8 @@ def load_model_and_tokenizer(model: str, torch_dtype: str = "float32", attn_impl
     """Load a causal LM and its tokenizer; the model stays on CPU (the sweep moves layers), except that a 4-bit
     model (``quantization_config``) is quantized straight onto this process's GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import sliced_llama  # noqa: F401  (registers dlp's sliced architecture with the Auto classes)
 
     path = resolve_model_dir(model)
     kwargs = {"dtype": resolve_dtype(torch_dtype)}

@@ -216,7 +216,7 @@ def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet | None, model_ar
 
     def measure(model_dir: Path, quantization=None):
         extra = {"quantization_config": quantization} if quantization is not None else {}  # None would undo a
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", trust_remote_code=masks is None,
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", trust_remote_code=ft_args.method == "slice",
                                                      **extra).eval()  # saved 4-bit config
         return model, perplexity(model, tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
                                  max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,

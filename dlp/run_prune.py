@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .allocate import (LayerScores, balance, dlp_sparsities, explicit_sparsities, lr_sparsities,
                        owl_sparsities)
@@ -153,17 +152,25 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
     return report
 
 
+def reload_matching(model_dir: Path, saved: dict | None, metadata: dict, model_args, stage: str):
+    """The model an earlier run saved in ``model_dir``, if the metadata saved with it (recipe, ratios or widths,
+    seed, data hash) equals this run's; else None, so a changed recipe never reuses a stale model."""
+    if saved is None or not (model_dir / "config.json").is_file():
+        return None
+    if json.dumps(saved, sort_keys=True) != json.dumps(metadata, sort_keys=True):
+        return None
+    print(f"[dlp] resuming: {model_dir} matches this recipe; {stage} skipped")
+    model, _ = load_model_and_tokenizer(str(model_dir), model_args.dtype or "float32",
+                                        model_args.attn_implementation or "sdpa")
+    return model
+
+
 def _resume_pruned(out: Path, metadata: dict, model, model_args):
     """(masks, pruned model) from an earlier run of the same recipe and data that stopped after pruning."""
-    mask_file, model_dir = out / "masks.safetensors", out / "model"
-    if not (mask_file.is_file() and (model_dir / "config.json").is_file()):
-        return None, model
-    masks = MaskSet.load(mask_file)
-    if json.dumps(masks.metadata, sort_keys=True) != json.dumps(metadata, sort_keys=True):
-        return None, model
-    print(f"[dlp] resuming: {mask_file} and {model_dir} match this recipe; pruning skipped")
-    pruned, _ = load_model_and_tokenizer(str(model_dir), model_args.dtype or "float32", model_args.attn_implementation or "sdpa")
-    return masks, pruned
+    mask_file = out / "masks.safetensors"
+    masks = MaskSet.load(mask_file) if mask_file.is_file() and (out / "model" / "config.json").is_file() else None
+    pruned = reload_matching(out / "model", masks.metadata if masks else None, metadata, model_args, "pruning")
+    return (masks, pruned) if pruned is not None else (None, model)
 
 
 def _fill_sparsity(report: dict, model, masks: MaskSet, sparsities: list[float], scores, calib_sha: str) -> None:

@@ -9,7 +9,6 @@ comes last and marks the stage finished.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +19,9 @@ from .data import load_calibration
 from .evaluate import perplexity
 from .io import atomic_write_json, read_json
 from .merge import export_model
-from .modeling import find_decoder_layers, load_model_and_tokenizer
+from .modeling import find_decoder_layers
 from .report import write_slice_report
-from .run_prune import dense_layer_scores, finished_run, prepare_run
+from .run_prune import dense_layer_scores, finished_run, prepare_run, reload_matching
 from .slicing import check_sliceable, parameter_count, slice_model, sliced_widths, slicing_fractions
 
 SLICING_FILE = "slicing.json"
@@ -64,7 +63,7 @@ def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments
     metadata = {"model": model_id, "recipe": config, "widths": widths, "seed": run_args.seed,
                 "calibration_sha256": calib.sha256}
     start = time.perf_counter()
-    sliced = _resume_sliced(out, metadata, model_args)
+    sliced = reload_matching(out / "model", read_json(out / SLICING_FILE), metadata, model_args, "slicing")
     if sliced is None:
         sliced = slice_model(model, calib.input_ids, widths, device=device,
                              batch_size=prune_args.calibration_batch_size)
@@ -77,17 +76,6 @@ def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments
     report["calibration_sha256"] = calib.sha256
     write_slice_report(out, report)
     return report
-
-
-def _resume_sliced(out: Path, metadata: dict, model_args):
-    """The sliced model of an earlier run of the same recipe and data that stopped after slicing, or None."""
-    saved = read_json(out / SLICING_FILE)
-    if saved is None or json.dumps(saved, sort_keys=True) != json.dumps(metadata, sort_keys=True):
-        return None
-    print(f"[dlp] resuming: {out / 'model'} matches this recipe; slicing skipped")
-    model, _ = load_model_and_tokenizer(str(out / "model"), model_args.dtype or "float32",
-                                        model_args.attn_implementation or "sdpa")
-    return model
 
 
 def _slicing_summary(dense, sliced, fractions: list[float], widths: list[int], redundancy) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from .modeling import find_decoder_layers
 from .sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
 from .sweep import LayerContext, sweep
 
-SLICING_ALLOCATIONS = ("uniform", "lr")
 SLICEABLE_MODEL_TYPES = ("llama",)
 _BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
