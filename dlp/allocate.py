@@ -73,15 +73,16 @@ def lr_sparsities(redundancy: Sequence[float], target: float, spread: float) -> 
     return centred([-r for r in redundancy], target, spread)
 
 
-def explicit_sparsities(spec: str | Sequence[float], num_layers: int) -> list[float]:
-    """A list of floats, a comma-separated string, or a JSON file holding a list or ``{"sparsities": [...]}``."""
+def parse_layer_sparsities(spec: str | Sequence[float], max_sparsity: float = 0.99) -> list[float]:
+    """An explicit allocation: a list of floats, a comma-separated string, or a JSON file holding a list or
+    ``{"sparsities": [...]}``; every value must lie in [0, ``max_sparsity``] (checked when the recipe is read)."""
     if isinstance(spec, str):
         path = Path(spec).expanduser()
         if path.is_file():
             try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise DlpError(f"layer_sparsities: {path} is not valid JSON ({exc.msg}, line {exc.lineno})")
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DlpError(f"layer_sparsities: {path} is not valid JSON ({str(exc).splitlines()[0][:80]})")
             values = data.get("sparsities", data.get("layer_sparsity")) if isinstance(data, dict) else data
         else:
             try:
@@ -90,10 +91,25 @@ def explicit_sparsities(spec: str | Sequence[float], num_layers: int) -> list[fl
                 raise DlpError(f"layer_sparsities must be a JSON file or comma-separated floats (got {spec!r})")
     else:
         values = list(spec)
-    got = len(values) if isinstance(values, list) else repr(values)
-    require(isinstance(values, list) and len(values) == num_layers,
-            f"layer_sparsities must list {num_layers} values, one per decoder layer (got {got})")
+    require(isinstance(values, list) and values and all(isinstance(v, (int, float)) for v in values),
+            f"layer_sparsities must be a non-empty list of numbers (got {values!r})"[:200])
+    bad = [v for v in values if not 0.0 <= float(v) <= max_sparsity]
+    if bad:
+        raise DlpError(f"layer_sparsities: every value must be in [0, max_layer_sparsity={max_sparsity}] (got {bad[0]})")
     return [float(v) for v in values]
+
+
+def explicit_sparsities(spec: str | Sequence[float], num_layers: int, max_sparsity: float = 0.99) -> list[float]:
+    """:func:`parse_layer_sparsities` plus the one check that needs the model: one value per decoder layer."""
+    values = parse_layer_sparsities(spec, max_sparsity)
+    require(len(values) == num_layers,
+            f"layer_sparsities must list {num_layers} values, one per decoder layer (got {len(values)})")
+    return values
+
+
+def weighted_mean(sparsities: Sequence[float], params: Sequence[int]) -> float:
+    """The overall sparsity of per-layer ``sparsities`` over layers of ``params`` prunable weights."""
+    return float(sum(s * p for s, p in zip(sparsities, params)) / sum(params))
 
 
 def balance(sparsities: Sequence[float], params: Sequence[int], target: float, max_sparsity: float = 0.99,
@@ -126,6 +142,8 @@ def balance(sparsities: Sequence[float], params: Sequence[int], target: float, m
     clipped = shifted.clamp(0.0, max_sparsity)
     if bool((clipped != shifted).any()):
         layers = [i for i in range(len(values)) if float(clipped[i]) != float(shifted[i])]
-        warnings.warn(f"layer sparsities clipped to [0, {max_sparsity}] for layers {layers}; "
-                      f"the others were shifted so the mean stays {target:.4f}", stacklevel=2)
+        mean = float((weights * clipped).sum())
+        warnings.warn(f"layer sparsities clipped to [0, {max_sparsity}] for layers {layers}; the weighted mean "
+                      f"is now {mean:.4f}" + (" (the others were shifted to keep it on target)" if rebalance else ""),
+                      stacklevel=2)
     return clipped.tolist()

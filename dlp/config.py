@@ -8,10 +8,11 @@ fields come from trl's ``ModelConfig`` (``model_name_or_path``, ``dtype``, ``att
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .allocate import ALLOCATIONS, DLP_STATISTICS, SLICING_ALLOCATIONS
+from .allocate import ALLOCATIONS, DLP_STATISTICS, SLICING_ALLOCATIONS, parse_layer_sparsities
 from .errors import DlpError, require
 from .layerwise import CRITERIA, MODES
 from .prune import parse_pattern
@@ -47,7 +48,8 @@ class PruneArguments:
     owl_lambda: float = field(default=0.08, metadata={"help": "OWL: layer sparsities span target ± lambda."})
     lr_spread: float = field(default=0.1, metadata={"help": "LR: layer sparsities span target ± spread."})
     layer_sparsities: str | None = field(default=None, metadata={
-        "help": "allocation=explicit: comma-separated sparsities, one per layer, or a JSON file with a list."})
+        "help": "allocation=explicit: comma-separated sparsities in [0, max_layer_sparsity], one per layer, or a "
+                "JSON file with a list. The overall target is then their weighted mean (sparsity is not used)."})
     max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper clip for any layer's sparsity."})
     # --- criterion and pattern
     criterion: str = field(default="wanda", metadata={"help": f"Pruning criterion: {', '.join(CRITERIA)}."})
@@ -76,6 +78,11 @@ class PruneArguments:
         require(self.owl_m > 0, f"owl_m must be > 0 (got {self.owl_m})")
         require(self.allocation != "explicit" or self.layer_sparsities,
                 "allocation=explicit needs layer_sparsities (comma-separated floats or a JSON file)")
+        if self.allocation == "explicit":  # values and file now; their count once the model's config is read
+            parse_layer_sparsities(self.layer_sparsities, self.max_layer_sparsity)
+        else:
+            require(self.sparsity <= self.max_layer_sparsity, f"max_layer_sparsity ({self.max_layer_sparsity}) must "
+                    f"be >= sparsity ({self.sparsity}): no layer could go above it, so the mean cannot reach it")
         require(not (self.prune_mode == "fast" and self.criterion == "sparsegpt"),
                 "prune_mode fast supports criterion wanda or magnitude; use onepass or sequential for sparsegpt")
         pattern = parse_pattern(self.pattern)
@@ -177,23 +184,86 @@ class RunArguments:
 
 
 def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
-                 defaults: Sequence[str] = ()) -> tuple:
+                 defaults: Sequence[tuple[str, str, str]] = ()) -> tuple:
     """Parse ``--config recipe.yaml`` plus CLI overrides into the given dataclasses (user errors: DlpError).
 
-    ``defaults`` are ``--field value`` pairs applied unless the command line sets the field itself.
+    ``defaults`` are ``(--field, value, note)``: the value applies unless the command line or the recipe sets the
+    field, and the note (if any) is printed when it does. Every mistake (YAML syntax, a value of the wrong type, an
+    unknown key, a bad flag) becomes one line naming the field or file, instead of argparse's usage dump or a
+    traceback.
     """
     import sys
 
     from trl import TrlParser
 
+    from .cli import one_line_parse_errors
+
     argv = list(argv) if argv is not None else sys.argv[1:]
-    for flag, value in zip(defaults[::2], defaults[1::2]):
-        if flag not in argv:
-            argv += [flag, value]
     parser = TrlParser(list(dataclass_types))
+    one_line_parse_errors(parser)
+    recipe: dict = {}
+    if "--config" in argv:
+        index = argv.index("--config")
+        require(index + 1 < len(argv), "--config needs a recipe file")
+        recipe = _check_recipe(parser, argv[index + 1])
+    for flag, value, note in defaults:
+        if flag not in argv and flag.lstrip("-") not in recipe:
+            argv += [flag, value]
+            if note and os.environ.get("RANK", "0") == "0":  # once, not once per process
+                print(f"[dlp] {note}")
     try:
         return parser.parse_args_and_config(args=argv)
     except DlpError:
         raise
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise DlpError(f"config: {str(exc).splitlines()[0]}")
+
+
+def _check_recipe(parser, path: str) -> dict:
+    """The recipe file must be a readable YAML mapping whose values have the types their fields take."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle)
+    except OSError as exc:
+        raise DlpError(f"config: cannot read {path} ({exc.strerror or type(exc).__name__})")
+    except UnicodeDecodeError:
+        raise DlpError(f"config: {path} is not UTF-8 text")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DlpError(f"config: {path} is not valid YAML{where} ({getattr(exc, 'problem', None) or exc})")
+    require(isinstance(recipe, dict), f"config: {path} must be a YAML mapping of field: value (got a "
+                                      f"{type(recipe).__name__})")
+    actions = {action.dest: action for action in parser._actions}
+    for key, value in recipe.items():
+        action = actions.get(key)
+        if action is None or value is None:
+            continue  # unknown keys are reported by the parser
+        if isinstance(value, str):  # argparse converts (and checks) a string default's type, but not its choices
+            choices = [str(c) for c in action.choices] if action.choices is not None else None
+            require(choices is None or value in choices, f"config: {key} must be one of {', '.join(choices or [])} "
+                                                          f"(got {value!r})")
+            continue
+        _check_value(key, value, action)
+    return recipe
+
+
+def _check_value(key: str, value, action) -> None:
+    """argparse converts only string defaults, so a YAML number, list or mapping must already fit its field."""
+    if action.nargs not in (None, "?"):  # list fields
+        require(isinstance(value, list), f"config: {key} must be a list (got {value!r})")
+        return
+    require(not isinstance(value, (list, dict)), f"config: {key} takes a single value (got {value!r})")
+    kind = action.type
+    if kind is int:
+        require(isinstance(value, int) and not isinstance(value, bool), f"config: {key} must be an integer (got {value!r})")
+    elif kind is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), f"config: {key} must be a number "
+                                                                                f"(got {value!r})")
+    elif getattr(kind, "__name__", "") == "string_to_bool":
+        require(isinstance(value, bool), f"config: {key} must be true or false (got {value!r})")
+    if action.choices is not None:
+        require(value in action.choices, f"config: {key} must be one of {', '.join(map(str, action.choices))} "
+                                         f"(got {value!r})")

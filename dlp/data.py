@@ -16,10 +16,12 @@ SmolLM2-135M a dense perplexity of 29.53 over 64×512 windows, the project's ref
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +43,45 @@ def read_text(source: str, split: str = "train", text_field: str = "text", max_d
     if source in BUILTIN_SOURCES:
         with gzip.open(BUILTIN_SOURCES[source], "rt", encoding="utf-8") as handle:
             return handle.read()
-    require(not source.startswith("builtin:"), f"data source {source!r} unknown; built-in sources: {sorted(BUILTIN_SOURCES)}")
+    check_source(source)
     path = Path(source).expanduser()
-    if path.exists() and path.suffix != ".jsonl":
-        require(path.suffix in _TEXT_SUFFIXES, f"data: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}")
-        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
-    docs = _read_jsonl(path, text_field) if path.exists() else _read_hub(source, split, text_field, max_documents, max_chars)
+    if path.exists():
+        check_source(source)
+    try:
+        if path.exists() and path.suffix != ".jsonl":
+            return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        docs = _read_jsonl(path, text_field) if path.exists() else _read_hub(source, split, text_field, max_documents,
+                                                                            max_chars)
+    except UnicodeDecodeError as exc:
+        raise DlpError(f"data: {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})")
+    except OSError as exc:
+        raise DlpError(f"data: cannot read {path} ({exc.strerror or type(exc).__name__})")
     return "\n\n".join(docs)
+
+
+def check_source(source: str, field: str = "data") -> None:
+    """The checks of a text source that need no reading: a known builtin name, a local file of a known kind (a path
+    that does not exist is taken as a hub dataset id and can only be checked by reading it)."""
+    require(not source.startswith("builtin:") or source in BUILTIN_SOURCES,
+            f"{field}: data source {source!r} unknown; built-in sources: {sorted(BUILTIN_SOURCES)}")
+    path = Path(source).expanduser()
+    if source in BUILTIN_SOURCES or not path.exists():
+        return
+    require(path.is_file(), f"{field}: {path} is a directory, not a text file")
+    require(path.suffix == ".jsonl" or path.suffix in _TEXT_SUFFIXES,
+            f"{field}: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}")
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):  # streamed: a corpus may not fit twice in memory
+                decoder.decode(chunk)
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise DlpError(f"{field}: {path} is not UTF-8 text (byte {offset + exc.start} is "
+                       f"{exc.object[exc.start:exc.start + 1]!r})")
+    except OSError as exc:
+        raise DlpError(f"{field}: cannot read {path} ({exc.strerror or type(exc).__name__})")
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
@@ -115,6 +149,10 @@ def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
     """Draw ``nsamples`` random windows of ``seqlen`` tokens from a token stream (seeded, reproducible)."""
     require(nsamples >= 1 and seqlen >= 2, "calibration: nsamples must be >= 1 and seqlen >= 2")
     require(stream.numel() > seqlen, f"calibration: the text has {stream.numel()} tokens, fewer than seqlen={seqlen}")
+    if stream.numel() < nsamples * seqlen:
+        warnings.warn(f"calibration: the text has {stream.numel()} tokens, fewer than nsamples × seqlen = "
+                      f"{nsamples} × {seqlen}: the windows overlap, so they hold less information than their count "
+                      "suggests", stacklevel=2)
     rng = random.Random(seed)
     starts = [rng.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([stream[s : s + seqlen] for s in starts])

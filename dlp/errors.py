@@ -14,3 +14,8 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DlpError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise DlpError(message)
+
+
+class ResultCheckFailed(DlpError):
+    """A result contradicts what the run was asked for (e.g. the measured sparsity misses its target): reported as
+    one line like a user error, but with exit code 1, since the input was valid and dlp is what fell short."""

@@ -22,10 +22,12 @@ from .errors import DlpError, require
 from .lora import attach_masks
 from .masks import MaskSet
 from .modeling import prunable_linears
+from .weights import is_transposed
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Every kind of prunable Linear of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections).
+    """Every kind of prunable projection of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections;
+    for GPT-2 the Conv1D c_attn/c_proj/c_fc).
 
     A sliced model's basis changes (``input_proj``, ``attn_shortcut``, ``mlp_shortcut``) are left out: they are
     rotations, not learned projections, and an adapter on them would only add parameters."""
@@ -43,14 +45,18 @@ def check_lora_args(model_args) -> None:
 
 
 def lora_config(model_args, model: nn.Module):
-    """peft ``LoraConfig`` from trl's ``ModelConfig`` fields (``lora_r``, ``lora_alpha``, ...)."""
+    """peft ``LoraConfig`` from trl's ``ModelConfig`` fields (``lora_r``, ``lora_alpha``, ...).
+
+    ``fan_in_fan_out`` is set when the prunable projections are Conv1D (GPT-2), which store their weight
+    transposed: peft would set it per layer anyway, with a warning for every layer."""
     from peft import LoraConfig
 
     check_lora_args(model_args)
     targets = model_args.lora_target_modules or default_target_modules(model)
+    transposed = any(is_transposed(module) for module in prunable_linears(model).values())
     return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                       target_modules=targets, modules_to_save=model_args.lora_modules_to_save,
-                      use_rslora=model_args.use_rslora, task_type="CAUSAL_LM")
+                      use_rslora=model_args.use_rslora, task_type="CAUSAL_LM", fan_in_fan_out=transposed)
 
 
 def masked_lora_model(model: nn.Module, masks: MaskSet | None, model_args) -> nn.Module:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,7 @@ from .modeling import find_decoder_layers, find_linears
 from .prune import Pattern, keep_mask, magnitude_scores, sparsegpt_prune, wanda_scores
 from .stats import InputStats, _SharedReducer, collect_input_stats
 from .sweep import LayerContext, sweep
+from .weights import in_features, logical_shape, logical_weight
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 MODES = ("sequential", "fast", "onepass")
@@ -46,11 +48,17 @@ class PruneSpec:
 
 
 @torch.no_grad()
-def prune_linear(linear: nn.Linear, stats: InputStats | None, sparsity: float, spec: PruneSpec) -> torch.Tensor:
-    """Prune one Linear in place; return its keep-mask (on CPU)."""
-    weight = linear.weight
+def prune_linear(linear: nn.Module, stats: InputStats | None, sparsity: float, spec: PruneSpec) -> torch.Tensor:
+    """Prune one projection (Linear or Conv1D) in place; return its keep-mask [out, in] (on CPU).
+
+    Every criterion works on the logical ``[out, in]`` weight (for a Conv1D a transposed view of the stored one,
+    which the in-place updates write through), so Wanda's per-output-row groups and SparseGPT's input columns
+    mean the same thing for both layouts."""
+    weight = logical_weight(linear)
     if spec.criterion == "sparsegpt":
-        new_weight, keep = sparsegpt_prune(weight, stats.hessian, sparsity, spec.pattern,
+        # contiguous: a Conv1D's transposed view would otherwise carry its strides into every matmul of the solver,
+        # and a different BLAS path could round differently from the same Linear's
+        new_weight, keep = sparsegpt_prune(weight.contiguous(), stats.hessian, sparsity, spec.pattern,
                                            spec.sparsegpt_blocksize, spec.sparsegpt_percdamp)
         weight.copy_(new_weight)
     else:
@@ -61,12 +69,14 @@ def prune_linear(linear: nn.Linear, stats: InputStats | None, sparsity: float, s
 
 
 def layer_param_counts(model: nn.Module) -> list[int]:
+    """Prunable weights per decoder layer (from the logical shapes, so packed 4-bit weights count right too)."""
     _, layers = find_decoder_layers(model)
-    return [sum(lin.weight.numel() for lin in find_linears(layer).values()) for layer in layers]
+    return [sum(math.prod(logical_shape(lin)) for lin in find_linears(layer).values()) for layer in layers]
 
 
 def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], outputs: torch.Tensor, owl_m: float) -> LayerScores:
-    scores = torch.cat([wanda_scores(lin.weight, stats[name].sq_mean).flatten() for name, lin in ctx.linears.items()])
+    scores = torch.cat([wanda_scores(logical_weight(lin), stats[name].sq_mean).flatten()
+                        for name, lin in ctx.linears.items()])
     cosine = torch.cat([F.cosine_similarity(ctx.inputs[i].float(), outputs[i].float(), dim=-1)
                         for i in range(ctx.inputs.shape[0])])
     return LayerScores(
@@ -115,9 +125,9 @@ def _onepass_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, pref
     def visit(ctx: LayerContext) -> torch.Tensor:
         reducer = _SharedReducer()
 
-        def prune_on_input(name: str, linear: nn.Linear):
+        def prune_on_input(name: str, linear: nn.Module):
             def hook(_module: nn.Module, args: tuple) -> None:
-                stats = InputStats(linear.in_features, spec.needs_xtx)
+                stats = InputStats(in_features(linear), spec.needs_xtx)
                 stats.add(reducer.reduce(args[0], spec.needs_xtx))
                 masks[f"{prefix}.{ctx.index}.{name}"] = prune_linear(linear, stats, sparsities[ctx.index], spec)
                 handles.pop(name).remove()  # prune once, on the whole batch

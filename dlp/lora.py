@@ -20,6 +20,11 @@ Under DeepSpeed ZeRO-3 the layer reads its base and adapter weights outside thei
 :func:`attach_masks` registers them as external parameters of the wrapper: ZeRO-3 then gathers them around the
 wrapper's forward and backward, and the masks apply to the gathered (full) weights.
 
+A GPT-2 ``Conv1D`` stores its weight transposed, ``[in, out]``; peft wraps it with ``fan_in_fan_out=True``. The
+layer computes with the *logical* ``[out, in]`` weight (:func:`dlp.weights.logical_weight`), like the masks, and
+only :meth:`MaskedLoraMixin.get_delta_weight` (what peft's merge adds to the stored weight) hands the delta back in
+the storage orientation.
+
 How it hooks in: peft builds its usual ``lora.Linear`` wrappers; :func:`attach_masks` turns each wrapper of a
 masked Linear into :class:`MaskedLoraLinear` (a subclass that only overrides ``forward`` and
 ``get_delta_weight``) and hands it its mask. Everything else — saving adapters, loading them, checkpoints,
@@ -37,7 +42,7 @@ from torch import nn
 from .distributed import zero3_enabled
 from .errors import DlpError, require
 from .masks import MaskSet
-from .weights import dense_weight, full_shape, is_quantized
+from .weights import is_quantized, is_transposed, logical_shape, logical_weight, to_storage
 
 PEFT_PREFIX = "base_model.model."
 
@@ -115,16 +120,19 @@ class MaskedLoraMixin:
         return (delta * (self.keep_mask(delta.device) if mask is None else mask)).to(dtype)
 
     def effective_weight(self, adapters: list[str], dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``W + Σ s·(B·A) ⊙ M`` in ``dtype``; a 4-bit ``W`` is dequantized here, one Linear at a time."""
-        weight = dense_weight(self.get_base_layer().weight, dtype)
+        """``W + Σ s·(B·A) ⊙ M`` in ``dtype``, logical ``[out, in]`` (a Conv1D's stored weight read transposed);
+        a 4-bit ``W`` is dequantized here, one Linear at a time."""
+        weight = logical_weight(self.get_base_layer(), dtype)
         if adapters and mask is None:
             mask = self.keep_mask(weight.device)
         for adapter in adapters:
             weight = weight + self.masked_delta(adapter, dtype, mask)
         return weight
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:  # called by peft's merge/unmerge
-        return self.masked_delta(adapter, self.compute_dtype())
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The masked delta as peft's merge/unmerge adds it to the *stored* weight: transposed for a Conv1D
+        (``fan_in_fan_out``), so the merged weight is exactly the logical ``W_eff`` the layer computed with."""
+        return to_storage(self.get_base_layer(), self.masked_delta(adapter, self.compute_dtype()))
 
     def _adapters_in_use(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.lora_A]
@@ -183,11 +191,12 @@ def attach_masks(model: nn.Module, masks: MaskSet) -> int:
     for name, layer in layers.items():
         if name not in masks.masks:
             continue
-        require(not getattr(layer, "fan_in_fan_out", False), f"lora: {name} stores its weight transposed (Conv1D); "
-                "mask-exact LoRA supports nn.Linear layers")
-        mask, weight = masks.masks[name], layer.get_base_layer().weight
-        if tuple(mask.shape) != full_shape(weight):
-            raise DlpError(f"lora: mask for {name} has shape {tuple(mask.shape)}, the weight {full_shape(weight)}")
+        base = layer.get_base_layer()
+        require(bool(getattr(layer, "fan_in_fan_out", False)) == is_transposed(base),
+                f"lora: {name}: fan_in_fan_out must be {is_transposed(base)} for a {type(base).__name__} layer")
+        mask, weight = masks.masks[name], base.weight
+        if tuple(mask.shape) != logical_shape(base):
+            raise DlpError(f"lora: mask for {name} has shape {tuple(mask.shape)}, the weight {logical_shape(base)}")
         require(is_quantized(weight) or weight.dtype.is_floating_point,
                 f"lora: {name} has a {weight.dtype} base weight; mask-exact LoRA needs a floating-point or 4-bit base")
         layer.__class__ = masked_class(type(layer))

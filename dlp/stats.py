@@ -1,4 +1,5 @@
-"""Per-Linear input statistics, accumulated incrementally by forward pre-hooks (activations are never stored).
+"""Per-projection (Linear or Conv1D) input statistics, accumulated incrementally by forward pre-hooks (activations
+are never stored).
 
 * ``sq_sum``: running sum over tokens of x_j² per input column (float64), so ‖X_j‖² = ``sq_sum`` and the Wanda
   score is |W_ij|·sqrt(mean x_j²) — the mean only rescales every score of a layer by one constant.
@@ -16,6 +17,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from .weights import in_features
 
 
 @dataclass
@@ -79,10 +82,12 @@ def stats_hook(stats: InputStats, reducer: _SharedReducer):
 
 
 @contextmanager
-def collect_input_stats(linears: dict[str, nn.Linear], want_xtx: bool = False) -> Iterator[dict[str, InputStats]]:
-    """Accumulate :class:`InputStats` for each Linear while the block runs inside the ``with``."""
+def collect_input_stats(linears: dict[str, nn.Module], want_xtx: bool = False) -> Iterator[dict[str, InputStats]]:
+    """Accumulate :class:`InputStats` for each projection while the block runs inside the ``with``.
+
+    ``in_features`` comes from :func:`dlp.weights.in_features`: a Conv1D has no ``in_features`` attribute."""
     reducer = _SharedReducer()
-    stats = {name: InputStats(lin.in_features, want_xtx) for name, lin in linears.items()}
+    stats = {name: InputStats(in_features(lin), want_xtx) for name, lin in linears.items()}
     handles = [lin.register_forward_pre_hook(stats_hook(stats[name], reducer)) for name, lin in linears.items()]
     try:
         yield stats

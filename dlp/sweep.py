@@ -134,7 +134,7 @@ class LayerContext:
 
     index: int
     layer: nn.Module
-    linears: dict[str, nn.Linear]
+    linears: dict[str, nn.Module]  # the block's prunable projections (nn.Linear or GPT-2's Conv1D)
     inputs: torch.Tensor  # hidden states entering the layer, [nsamples, seqlen, hidden], offload device
     device: torch.device
     _captured: CapturedInputs

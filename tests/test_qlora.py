@@ -166,3 +166,58 @@ def test_quantization_fields_from_a_recipe_are_checked(fields, message):
     with pytest.raises(DlpError, match=message.replace("(", r"\(").replace(")", r"\)")):
         bnb_config(args)
     assert bnb_config(SimpleNamespace(**{**vars(args), **{"load_in_4bit": False, "load_in_8bit": False}})) is None
+
+
+def _quantized_linear(out_features: int, in_features: int):
+    """A bitsandbytes NF4 Linear with every third input column zero (pruned), quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features) / in_features ** 0.5
+    weight[:, ::3] = 0
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    return layer, weight
+
+
+def test_dense_weight_reads_a_weight_bitsandbytes_repacked_for_the_cpu_kernel():
+    """Forces bitsandbytes' AVX512-BF16 repacking on every machine (the repacking itself is plain torch) and checks
+    that dlp reads the same weight from both layouts: zeros exactly, values up to the bfloat16 scales it keeps."""
+    import copy
+
+    import bitsandbytes.functional as bnb_functional
+
+    layer, _ = _quantized_linear(64, 128)
+    canonical = dense_weight(layer.weight)
+    packed_data, packed_state = bnb_functional._convert_weight_packed_for_cpu(layer.weight.data.clone(),
+                                                                             copy.copy(layer.weight.quant_state))
+    layer.weight.data, layer.weight.quant_state = packed_data, packed_state
+    assert layer.weight.quant_state.packing_format_for_cpu
+    repacked = dense_weight(layer.weight)
+    assert repacked.shape == canonical.shape == (64, 128)
+    assert torch.equal(repacked == 0, canonical == 0)
+    assert float((repacked - canonical).abs().max()) <= 4e-3 * float(canonical.abs().max())  # bf16 absmax
+    assert layer.weight.quant_state.packing_format_for_cpu  # reading it did not convert the parameter back
+
+
+def test_dlp_keeps_4bit_weights_out_of_the_cpu_repacking_on_every_cpu(pruned_base, monkeypatch):
+    """As if this CPU had AVX512-BF16: bitsandbytes would repack the tiny model's weights at the first eval forward
+    and fail on their shapes (input width 32 < block size 64). dlp's loader switches that path off."""
+    import bitsandbytes.nn.modules as bnb_modules
+    from transformers import AutoModelForCausalLM
+
+    from dlp.modeling import load_model_and_tokenizer
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    base_dir, masks = pruned_base
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4_config(), dtype=torch.float32).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError):  # what happens without dlp, whatever the CPU
+        plain(input_ids=torch.tensor([[1, 2, 3]]))
+    model, _ = load_model_and_tokenizer(str(base_dir), "float32", "sdpa", quantization_config=nf4_config())
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert masks.violations(model) == 0

@@ -14,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dlp.cli import run_cli  # noqa: E402
+from dlp.cli import one_line_parse_errors, run_cli  # noqa: E402
 from dlp.errors import require  # noqa: E402
-from dlp.io import atomic_dir  # noqa: E402
-from dlp.masks import MaskSet  # noqa: E402
+from dlp.io import atomic_dir, check_writable_dir  # noqa: E402
+from dlp.masks import MaskSet, zero_fraction  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["report", "verify", "apply"])
     parser.add_argument("--masks", required=True, help="a masks.safetensors written by dlp")
     parser.add_argument("--model", help="model id or directory (verify, apply)")
-    parser.add_argument("--output_dir", help="where apply saves the masked model")
+    parser.add_argument("--output_dir", help="where apply saves the masked model (new, empty, or written by dlp)")
+    parser.add_argument("--force", action="store_true", help="apply/verify even if the model is not the kind the "
+                        "masks were made for (another architecture or layer count, modules without a mask): loudly")
+    one_line_parse_errors(parser)
     args = parser.parse_args(argv)
+    if args.command == "apply":
+        require(args.output_dir is not None, "--output_dir is required for apply")
+        check_writable_dir(args.output_dir)  # before the model is loaded
     masks = MaskSet.load(args.masks)
+    masks.force = args.force
     report = masks.sparsity_report()
     if args.command == "report":
         meta = {k: masks.metadata.get(k) for k in ("model", "seed", "calibration_sha256", "layer_sparsities")}
@@ -36,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     require(args.model is not None, f"--model is required for {args.command}")
     from dlp.modeling import load_model_and_tokenizer
+    from dlp.preflight import check_masks_fit, inspect_model
 
+    if not args.force:  # from the config alone, before the weights load
+        shapes = {name: tuple(mask.shape) for name, mask in masks.masks.items()}
+        check_masks_fit(inspect_model(args.model), masks.metadata, shapes, "masks", "--model")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.command == "verify":
         bad = masks.violations(model)
-        print(f"{bad} masked weights are non-zero; overall mask sparsity {100 * report['overall']:.2f}%")
+        print(f"{bad} masked weights are non-zero; overall mask sparsity {100 * report['overall']:.2f}%, "
+              f"the model's prunable weights are {100 * zero_fraction(model):.2f}% zero")
         return 0 if bad == 0 else 1
-    require(args.output_dir is not None, "--output_dir is required for apply")
     masks.apply(model)
     with atomic_dir(args.output_dir) as tmp:
         model.save_pretrained(tmp)

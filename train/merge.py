@@ -24,6 +24,7 @@ from dlp.cli import run_cli  # noqa: E402
 from dlp.config import MERGE_BASES, parse_config, require_choice  # noqa: E402
 from dlp.data import load_training_windows  # noqa: E402
 from dlp.errors import require  # noqa: E402
+from dlp.io import check_writable_dir  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.merge import export_model, load_adapter_model, merge_masked  # noqa: E402
 
@@ -47,6 +48,7 @@ class MergeArguments:
 
 def main(argv: list[str] | None = None):
     (args,) = parse_config([MergeArguments], argv)
+    check_writable_dir(args.output_dir)  # before anything is loaded: never a directory of the user's
     masks_path = args.masks or os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "masks.safetensors")
     require(os.path.isfile(masks_path), f"masks: file not found: {masks_path} (pass --masks)")
     masks = MaskSet.load(masks_path)

@@ -10,12 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
-from trl import ModelConfig  # noqa: E402
-
 from dlp.cli import run_cli  # noqa: E402
 from dlp.config import EvalArguments, PruneArguments, RunArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.run_prune import run_prune  # noqa: E402
+from trl import ModelConfig  # noqa: E402  (after dlp, which quiets library noise at import)
 
 
 def main(argv: list[str] | None = None) -> dict:

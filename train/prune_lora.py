@@ -14,13 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
-from trl import ModelConfig, SFTConfig  # noqa: E402
-
 from dlp.cli import run_cli  # noqa: E402
 from dlp.config import EvalArguments, FinetuneArguments, PruneArguments, SliceArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.pipeline import run_prune_lora  # noqa: E402
 from dlp.runtime import use_cpu_without_accelerator  # noqa: E402
+from trl import ModelConfig, SFTConfig  # noqa: E402  (after dlp, which quiets library noise at import)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,6 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
         [ModelConfig, PruneArguments, SliceArguments, EvalArguments, FinetuneArguments, SFTConfig], argv, launch_defaults)
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
     report = run_prune_lora(model_args, prune_args, eval_args, ft_args, sft_args, slice_args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return report  # the result lines once, from the main process
     ppl = " → ".join(f"{name} {entry['value']:.2f}" for name, entry in report["perplexity"].items() if entry)
     shrink = (f"sliced {100 * report['slicing']['mean_fraction']:.2f}% of the width" if report.get("method") == "slice"
               else f"sparsity {100 * report['sparsity']['overall']:.2f}%")

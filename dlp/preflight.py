@@ -1,0 +1,106 @@
+"""Checks that run before any heavy work: the model's structure and limits, read from its config alone.
+
+A run loads the model, measures the dense perplexity and sweeps the calibration data before it prunes; a mistake
+that only the model can reveal (an architecture without a decoder stack, a window longer than the learned
+position table, an explicit allocation of the wrong length) used to surface only then, minutes in, sometimes as
+an ``IndexError`` deep inside the model. Here the config is read and the model is built on the ``meta`` device
+(no weights, no memory, well under a second), so those mistakes become one-line errors at once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DlpError, require
+from .modeling import find_decoder_layers, prunable_linears, resolve_model_dir
+from .weights import logical_shape
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the checks learned about a model without loading its weights."""
+
+    model_id: str
+    model_type: str
+    num_layers: int
+    max_positions: int | None  # config.max_position_embeddings (n_positions for GPT-2), if the config has one
+    learned_positions: bool  # a position table (OPT, GPT-2): no token may sit beyond it
+    shapes: dict[str, tuple[int, int]]  # every prunable module's logical [out, in] shape
+
+
+def _learned_position_table(model: nn.Module, layers: nn.ModuleList) -> bool:
+    """Whether the model embeds positions with a learned table: an Embedding other than the token embedding,
+    outside the decoder blocks (GPT-2's ``wpe``, OPT's ``embed_positions``). RoPE and ALiBi models have none."""
+    tokens = model.get_input_embeddings()
+    inside = {id(m) for m in layers.modules()}
+    return any(isinstance(m, nn.Embedding) and m is not tokens and id(m) not in inside for m in model.modules())
+
+
+def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
+    """Read ``model_id``'s config and build it on the meta device: its decoder stack, prunable modules and limits.
+
+    Raises a one-line DlpError for a model that cannot be read or has no decoder stack dlp can prune."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import sliced_llama  # noqa: F401  (dlp's sliced architecture, as load_model_and_tokenizer registers it)
+
+    path = resolve_model_dir(model_id)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DlpError(f"model: cannot read the config of {model_id!r}: {str(exc).splitlines()[0][:200]}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                     trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as exc:
+        raise DlpError(f"model: {model_id!r} ({config.model_type}) is not a causal LM transformers can build: "
+                       f"{str(exc).splitlines()[0][:200]}")
+    _, layers = find_decoder_layers(model)  # an architecture without a decoder stack fails here, at once
+    max_positions = getattr(config, "max_position_embeddings", None)
+    return ModelPlan(model_id, config.model_type, len(layers), max_positions if isinstance(max_positions, int) else None,
+                     _learned_position_table(model, layers),
+                     {name: logical_shape(module) for name, module in prunable_linears(model).items()})
+
+
+def check_lengths(plan: ModelPlan, **lengths: int | None) -> None:
+    """Every window length (``seqlen=512, eval_seqlen=...``) must fit a learned position table; beyond a RoPE
+    model's trained context it is allowed, with a warning (quality degrades, nothing breaks)."""
+    if plan.max_positions is None:
+        return
+    for name, length in lengths.items():
+        if length is None or length <= plan.max_positions:
+            continue
+        require(not plan.learned_positions, f"{name} must be <= {plan.max_positions}: {plan.model_type} has learned "
+                f"positions for {plan.max_positions} tokens (got {length})")
+        warnings.warn(f"{name}={length} exceeds the {plan.max_positions} positions {plan.model_type} was trained "
+                      "with; its quality beyond them is not what the papers measured", stacklevel=2)
+
+
+def check_pattern_fits(plan: ModelPlan, m: int, pattern: str) -> None:
+    """An N:M pattern groups M consecutive inputs: every prunable module's input width must be a multiple of M."""
+    for name, (_, columns) in plan.shapes.items():
+        require(columns % m == 0, f"pattern {pattern}: {name} has {columns} inputs, not a multiple of {m}")
+
+
+def check_masks_fit(plan: ModelPlan, metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], field: str,
+                    model_field: str = "model_name_or_path") -> None:
+    """Masks reused through ``field`` (their metadata and shapes) must have been made for a model like the one
+    ``model_field`` names: same architecture and layer count, a mask of the right shape for every prunable module."""
+    made = metadata.get("fingerprint") or {}
+    for key, label, seen in (("model_type", "architecture", plan.model_type),
+                             ("num_layers", "decoder layers", plan.num_layers)):
+        if key in made and made[key] != seen:
+            raise DlpError(f"{field}: the masks were made for {label} {made[key]!r}, {model_field} has {seen!r}")
+    uncovered = sorted(set(plan.shapes) - set(shapes))
+    if uncovered:
+        raise DlpError(f"{field}: the masks cover {len(plan.shapes) - len(uncovered)} of {model_field}'s "
+                       f"{len(plan.shapes)} prunable modules ({uncovered[0]} has no mask)")
+    for name, shape in plan.shapes.items():
+        require(tuple(shapes[name]) == shape, f"{field}: {name} has shape {shape} in {model_field} but "
+                                              f"{tuple(shapes[name])} in the masks")
