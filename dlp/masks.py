@@ -34,20 +34,22 @@ class MaskSet:
     metadata: dict[str, Any] = field(default_factory=dict)
     force: bool = False  # accept a model whose fingerprint differs from the one the masks were made for
 
-    def _fingerprint_problems(self, model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
-        """How ``model`` differs from the model these masks were made for (empty: it is that kind of model)."""
-        problems = []
+    def _identity_problems(self, model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
+        """How ``model`` differs in kind from the model these masks were made for (their recorded fingerprint)."""
         made = self.metadata.get("fingerprint")
-        if made:
-            seen = model_fingerprint(model, linears)
-            for key, label in (("model_type", "architecture"), ("num_layers", "decoder layers")):
-                if made.get(key) != seen[key]:
-                    problems.append(f"they were made for {label} {made.get(key)!r}, the model has {seen[key]!r}")
-        uncovered = sorted(set(linears) - set(self.masks))
-        if uncovered:
-            problems.append(f"they cover {len(linears) - len(uncovered)} of the model's {len(linears)} prunable "
-                            f"modules ({uncovered[0]} has no mask)")
-        return problems
+        if not made:
+            return []
+        seen = model_fingerprint(model, linears)
+        return [f"they were made for {label} {made.get(key)!r}, the model has {seen[key]!r}"
+                for key, label in (("model_type", "architecture"), ("num_layers", "decoder layers"))
+                if made.get(key) != seen[key]]
+
+    def _raise_or_warn(self, problems: list[str]) -> None:
+        for problem in problems:
+            if not self.force:
+                made_for = self.metadata.get("model", "another model")
+                raise DlpError(f"masks: {problem}; were the masks made for {made_for}? (--force applies them anyway)")
+            warnings.warn(f"masks: {problem}; applying them anyway because of --force", stacklevel=4)
 
     def digest(self) -> str:
         """SHA-256 over names, shapes and bits: equal digests mean identical masks."""
@@ -96,17 +98,17 @@ class MaskSet:
         With ``force`` set, a different architecture or layer count or uncovered modules only warn (loudly);
         modules the masks name must still exist with the masks' shapes."""
         linears = prunable_linears(model)
-        made_for = self.metadata.get("model", "another model")
+        self._raise_or_warn(self._identity_problems(model, linears))  # the most telling message first
         missing = sorted(set(self.masks) - set(linears))
         require(not missing, f"masks: the model has no modules {missing[:3]}{'...' if len(missing) > 3 else ''}; "
-                             f"were the masks made for {made_for}?")
+                             f"were the masks made for {self.metadata.get('model', 'another model')}?")
         for name, mask in self.masks.items():
             shape = logical_shape(linears[name])  # masks are [out, in] also for a Conv1D stored [in, out]
             require(tuple(mask.shape) == shape, f"masks: {name} has shape {shape} in the model but {tuple(mask.shape)} in the masks")
-        for problem in self._fingerprint_problems(model, linears):
-            if not self.force:
-                raise DlpError(f"masks: {problem}; were the masks made for {made_for}? (--force applies them anyway)")
-            warnings.warn(f"masks: {problem}; applying them anyway because of --force", stacklevel=3)
+        uncovered = sorted(set(linears) - set(self.masks))
+        if uncovered:
+            self._raise_or_warn([f"they cover {len(linears) - len(uncovered)} of the model's {len(linears)} prunable "
+                                 f"modules ({uncovered[0]} has no mask)"])
         return {name: linears[name] for name in self.masks}
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import zero3_init_disabled
 from .errors import DlpError, require
 from .modeling import find_decoder_layers, prunable_linears, resolve_model_dir
 from .weights import logical_shape
@@ -55,7 +56,7 @@ def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
     except (OSError, ValueError, KeyError) as exc:
         raise DlpError(f"model: cannot read the config of {model_id!r}: {str(exc).splitlines()[0][:200]}")
     try:
-        with torch.device("meta"):
+        with zero3_init_disabled(), torch.device("meta"):  # ZeRO-3's partitioned init cannot build on meta
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                      trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_model
+from conftest import REPO, save_tiny_model, tiny_model
 from dlp.errors import DlpError, ResultCheckFailed
 from dlp.io import MARKER, TEMP_PREFIX, atomic_dir, claim_dir
 from dlp.masks import MaskSet, model_fingerprint
@@ -48,14 +48,6 @@ def pruned(tmp_path, tiny_args) -> Path:
     result = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false"])
     assert result.returncode == 0, result.stderr[-2000:]
     return out
-
-
-def save_tiny(family: str, path: Path, tokenizer_dir: Path, layers: int = 3) -> Path:
-    from transformers import AutoTokenizer
-
-    tiny_model(family, layers=layers).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
 
 
 # --- 1. no data loss -----------------------------------------------------------------------------------------------
@@ -145,7 +137,7 @@ def test_atomic_dir_never_replaces_a_foreign_directory(tmp_path):
 
 
 # --- 2. masks bound to their model ---------------------------------------------------------------------------------
-def test_masks_of_a_two_layer_model_are_refused_on_a_three_layer_one(tmp_path, tiny_model_dir):
+def test_masks_of_a_two_layer_model_are_refused_on_a_three_layer_one(tmp_path):
     """The regression: layer 2 stayed dense (46.4% real sparsity) while verify reported 0 violations and 69.62%."""
     small = tiny_model("llama", layers=2)
     masks = MaskSet({name: torch.rand(lin.weight.shape) > 0.7 for name, lin in prunable_linears(small).items()},
@@ -154,7 +146,7 @@ def test_masks_of_a_two_layer_model_are_refused_on_a_three_layer_one(tmp_path, t
     big = tiny_model("llama", layers=3)
     with pytest.raises(DlpError, match=r"made for decoder layers 2, the model has 3"):
         masks.apply(big)
-    save_tiny("llama", tmp_path / "big", tiny_model_dir)
+    save_tiny_model(tmp_path / "big", "llama")
     for command in ("verify", "apply"):
         result = masks_tool(command, "--masks", str(tmp_path / "masks.safetensors"), "--model", str(tmp_path / "big"),
                             "--output_dir", str(tmp_path / "out"))
@@ -176,9 +168,23 @@ def test_llama_masks_are_refused_on_a_qwen2_model_of_the_same_shapes():
         masks.violations(qwen)
 
 
-def test_prune_records_the_fingerprint_and_finetuning_reuse_checks_it(pruned, tiny_model_dir):
+def test_prune_records_the_fingerprint_and_finetuning_and_merging_check_it(pruned, tmp_path):
+    from types import SimpleNamespace
+
+    from dlp.finetune import masked_lora_model
+    from dlp.merge import load_adapter_model
+
     masks = MaskSet.load(pruned / "masks.safetensors")
     assert masks.metadata["fingerprint"] == model_fingerprint(tiny_model("llama"))
+    lora = SimpleNamespace(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_target_modules=None, use_dora=False,
+                           lora_modules_to_save=None, use_rslora=False)
+    with pytest.raises(DlpError, match="made for architecture 'llama', the model has 'qwen2'"):
+        masked_lora_model(tiny_model("qwen2"), masks, lora)
+    other = save_tiny_model(tmp_path / "two-layers", "llama", layers=2)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(DlpError, match="made for decoder layers 3, the model has 2"):
+        load_adapter_model(other, tmp_path / "adapter", masks)
 
 
 # --- 3. allocations the result must honour ---------------------------------------------------------------------------
@@ -280,7 +286,7 @@ def test_truncated_gguf_and_binary_calibration_text_are_one_line(tiny_args, tmp_
 def test_window_longer_than_learned_positions_is_refused_and_rope_only_warns(tmp_path, tiny_model_dir):
     from dlp.preflight import check_lengths, inspect_model
 
-    opt = inspect_model(str(save_tiny("opt", tmp_path / "opt", tiny_model_dir)))
+    opt = inspect_model(str(save_tiny_model(tmp_path / "opt", "opt")))
     assert opt.learned_positions and opt.max_positions == 256
     with pytest.raises(DlpError, match="eval_seqlen must be <= 256: opt has learned positions"):
         check_lengths(opt, seqlen=256, eval_seqlen=257)
