@@ -86,6 +86,9 @@ def resolve_model_dir(model: str) -> str:
         path = Path(model).expanduser()
         if path.exists():
             require((path / "config.json").is_file(), f"model: {model} is a path but holds no config.json")
+        # a hub id never starts like a filesystem path: such a model is a directory that is not there
+        require(path.exists() or not model.startswith(("/", "./", "../", "~")),
+                f"model: cannot read {model!r}: no such directory (and not a hub id)")
         return str(path) if path.exists() else model
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)

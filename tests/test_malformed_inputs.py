@@ -90,7 +90,7 @@ CASES = [
      "absent"),
     (PRUNE, "nsamples-0", [*P, "--nsamples", "0"], "nsamples must be >= 1", "absent"),
     # --- train/prune.py: the model
-    (PRUNE, "model-dir-missing", [*P, "--model_name_or_path", "{missing}/model"], "model: cannot read", "absent"),
+    (PRUNE, "model-dir-missing", [*P, "--model_name_or_path", "{missing}/model"], "no such directory", "absent"),
     (PRUNE, "model-truncated-gguf", [*P, "--model_name_or_path", "{gguf}"], "model: cannot read", "absent"),
     (PRUNE, "model-gguf-missing", [*P, "--model_name_or_path", "{missing}/model.gguf"], "GGUF file not found",
      "absent"),
@@ -158,7 +158,7 @@ CASES = [
     (SLICE, "output-dir-foreign", P, "is not empty and was not written by dlp", "foreign"),
     # --- train/merge.py
     (MERGE, "missing-required-flags", [], "the following arguments are required", None),
-    (MERGE, "base-dir-missing", [*M, "--base_dir", "{missing}/model"], "model: cannot load", "absent"),
+    (MERGE, "base-dir-missing", [*M, "--base_dir", "{missing}/model"], "no such directory", "absent"),
     (MERGE, "base-dir-missing-no-masks", ["--base_dir", "{missing}/model", "--adapter_dir", "{adapter}",
                                           "--output_dir", "{out}"], "masks: file not found", "absent"),
     (MERGE, "adapter-dir-missing", [*M, "--adapter_dir", "{missing}/adapter"], "adapter_dir: no adapter_config.json",
