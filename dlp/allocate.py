@@ -95,7 +95,8 @@ def parse_layer_sparsities(spec: str | Sequence[float], max_sparsity: float = 0.
             f"layer_sparsities must be a non-empty list of numbers (got {values!r})"[:200])
     bad = [v for v in values if not 0.0 <= float(v) <= max_sparsity]
     if bad:
-        raise DlpError(f"layer_sparsities: every value must be in [0, max_layer_sparsity={max_sparsity}] (got {bad[0]})")
+        raise DlpError(f"layer_sparsities: every value must be in [0, max_layer_sparsity={max_sparsity}] "
+                       f"(got {bad[0]})")
     return [float(v) for v in values]
 
 

@@ -258,7 +258,8 @@ def _check_value(key: str, value, action) -> None:
     require(not isinstance(value, (list, dict)), f"config: {key} takes a single value (got {value!r})")
     kind = action.type
     if kind is int:
-        require(isinstance(value, int) and not isinstance(value, bool), f"config: {key} must be an integer (got {value!r})")
+        require(isinstance(value, int) and not isinstance(value, bool),
+                f"config: {key} must be an integer (got {value!r})")
     elif kind is float:
         require(isinstance(value, (int, float)) and not isinstance(value, bool), f"config: {key} must be a number "
                                                                                 f"(got {value!r})")

@@ -64,8 +64,8 @@ def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
                        f"{str(exc).splitlines()[0][:200]}")
     _, layers = find_decoder_layers(model)  # an architecture without a decoder stack fails here, at once
     max_positions = getattr(config, "max_position_embeddings", None)
-    return ModelPlan(model_id, config.model_type, len(layers), max_positions if isinstance(max_positions, int) else None,
-                     _learned_position_table(model, layers),
+    return ModelPlan(model_id, config.model_type, len(layers),
+                     max_positions if isinstance(max_positions, int) else None, _learned_position_table(model, layers),
                      {name: logical_shape(module) for name, module in prunable_linears(model).items()})
 
 

@@ -164,10 +164,7 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
 
     spec = PruneSpec(prune_args.criterion, parse_pattern(prune_args.pattern), prune_args.sparsegpt_blocksize,
                      prune_args.sparsegpt_percdamp)
-    recipe = {key: value for key, value in report["config"].items() if key not in ("output_dir", "overwrite")}
-    metadata = {"model": model_id, "fingerprint": model_fingerprint(model), "recipe": recipe,
-                "layer_sparsities": sparsities, "seed": run_args.seed, "calibration_sha256": calib.sha256,
-                "dlp_version": "0.1.0"}
+    metadata = mask_metadata(model, model_id, report["config"], sparsities, run_args.seed, calib.sha256)
     start = time.perf_counter()
     masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
     if masks is None:
@@ -191,6 +188,17 @@ def run_prune(model_args, prune_args: PruneArguments, eval_args: EvalArguments, 
         report["zero_shot"] = zero_shot(model, tokenizer, tasks)
     write_report(out, report)
     return report
+
+
+def mask_metadata(model, model_id: str, config: dict[str, Any], sparsities: list[float], seed: int,
+                  calibration_sha256: str) -> dict[str, Any]:
+    """What a mask file records of how it was made: the model and its fingerprint, the recipe (not where it was
+    written, nor whether to start over: those do not shape the masks, and would make equal masks differ in bytes),
+    the per-layer sparsities, the seed and the calibration data's hash."""
+    recipe = {key: value for key, value in config.items() if key not in ("output_dir", "overwrite")}
+    return {"model": model_id, "fingerprint": model_fingerprint(model), "recipe": recipe,
+            "layer_sparsities": sparsities, "seed": seed, "calibration_sha256": calibration_sha256,
+            "dlp_version": "0.1.0"}
 
 
 def reload_matching(model_dir: Path, saved: dict | None, metadata: dict, model_args, stage: str):

@@ -24,7 +24,8 @@ from .report import write_slice_report
 from .runtime import resolve_device
 from .run_prune import dense_layer_scores, finished_run, prepare_run, reload_matching
 from .preflight import check_lengths, inspect_model
-from .slicing import check_sliceable, check_sliceable_type, parameter_count, slice_model, sliced_widths, slicing_fractions
+from .slicing import (check_sliceable, check_sliceable_type, parameter_count, slice_model, sliced_widths,
+                      slicing_fractions)
 
 SLICING_FILE = "slicing.json"
 CALIBRATION_FIELDS = ("calibration_data", "calibration_split", "nsamples", "seqlen", "calibration_batch_size", "device")

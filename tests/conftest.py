@@ -92,3 +92,24 @@ def save_tiny_model(path: Path, family: str = "llama", layers: int = 3) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama saved with the demo tokenizer's vocabulary replaced by a small byte-level one."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+DEMO_RECIPE = REPO / "recipes" / "smollm2-135m" / "dlp_wanda_70.yaml"
+
+
+def _text_file(tmp_path, name: str, seed: int) -> str:
+    """A small random-word text file (60 lines of 40 words), a calibration or evaluation source for tiny runs."""
+    words = ["the", "model", "layer", "prunes", "weights", "sparse", "dense", "of", "a", "and", "to", "is"]
+    gen = torch.Generator().manual_seed(seed)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=gen)) for _ in range(60)]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_args(tmp_path, tiny_model_dir):
+    """``train/prune.py`` arguments: the demo recipe on the tiny Llama with small local texts (add --output_dir)."""
+    return ["--config", str(DEMO_RECIPE), "--model_name_or_path", str(tiny_model_dir),
+            "--calibration_data", _text_file(tmp_path, "calib.txt", 0), "--eval_data", _text_file(tmp_path, "eval.txt", 1),
+            "--nsamples", "4", "--seqlen", "64", "--eval_seqlen", "64", "--eval_max_windows", "3", "--device", "cpu"]

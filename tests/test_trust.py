@@ -21,7 +21,7 @@ from dlp.errors import DlpError, ResultCheckFailed
 from dlp.io import MARKER, TEMP_PREFIX, atomic_dir, claim_dir
 from dlp.masks import MaskSet, model_fingerprint
 from dlp.modeling import prunable_linears
-from test_cli import SCRIPT as PRUNE, _run, tiny_args  # noqa: F401  (tiny_args: a fixture)
+from test_cli import SCRIPT as PRUNE, _run
 
 MASKS_TOOL = str(REPO / "train" / "masks.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -59,7 +59,8 @@ def test_masks_apply_refuses_an_existing_directory_it_did_not_create(pruned, tin
     result = masks_tool("apply", "--masks", str(pruned / "masks.safetensors"), "--model", str(tiny_model_dir),
                         "--output_dir", str(users))
     assert result.returncode == 2 and "was not written by dlp" in one_error_line(result)
-    assert sorted(p.name for p in users.iterdir()) == ["thesis.tex"] and (users / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in users.iterdir()) == ["thesis.tex"]
+    assert (users / "thesis.tex").read_text() == "years of work"
     fresh = tmp_path / "applied"
     for _ in range(2):  # a directory dlp made is dlp's to replace
         result = masks_tool("apply", "--masks", str(pruned / "masks.safetensors"), "--model", str(tiny_model_dir),
@@ -192,8 +193,8 @@ def test_explicit_values_out_of_range_are_refused_before_loading(tiny_args, tmp_
     """The regression: 1.5,0.2 gave 59.46% overall while a warning said the mean 'stays 0.7000'."""
     result = _run([*tiny_args, "--output_dir", str(tmp_path / "x"), "--allocation", "explicit",
                    "--layer_sparsities", "1.5,0.2,0.5"])
-    assert result.returncode == 2 and "layer_sparsities: every value must be in [0, max_layer_sparsity=0.99] (got 1.5)" \
-        in one_error_line(result)
+    expected = "layer_sparsities: every value must be in [0, max_layer_sparsity=0.99] (got 1.5)"
+    assert result.returncode == 2 and expected in one_error_line(result)
     assert not (tmp_path / "x").exists()
 
 
@@ -279,7 +280,8 @@ def test_truncated_gguf_and_binary_calibration_text_are_one_line(tiny_args, tmp_
     binary = tmp_path / "calib.txt"
     binary.write_bytes(b"some text \xff\xfe\x00 more")
     result = _run([*tiny_args, "--output_dir", str(tmp_path / "y"), "--calibration_data", str(binary)])
-    assert result.returncode == 2 and "calibration_data: " in one_error_line(result) and "is not UTF-8 text" in result.stderr
+    assert result.returncode == 2 and "calibration_data: " in one_error_line(result)
+    assert "is not UTF-8 text" in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
