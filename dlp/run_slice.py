@@ -24,8 +24,8 @@ from .report import write_slice_report
 from .runtime import resolve_device
 from .run_prune import dense_layer_scores, finished_run, prepare_run, reload_matching
 from .preflight import check_lengths, inspect_model
-from .slicing import (check_sliceable, check_sliceable_type, parameter_count, slice_model, sliced_widths,
-                      slicing_fractions)
+from .slicing import (check_sliceable, check_sliceable_type, check_slicing_mean, parameter_count, slice_model,
+                      sliced_widths, slicing_fractions)
 
 SLICING_FILE = "slicing.json"
 CALIBRATION_FIELDS = ("calibration_data", "calibration_split", "nsamples", "seqlen", "calibration_batch_size", "device")
@@ -61,6 +61,7 @@ def run_slice(model_args, prune_args: PruneArguments, slice_args: SliceArguments
     fractions = slicing_fractions(slice_args.slicing_allocation, slice_args.slicing, len(layers), redundancy,
                                   slice_args.slicing_spread)
     widths = sliced_widths(fractions, model.config.hidden_size, slice_args.slicing_multiple)
+    check_slicing_mean(widths, model.config.hidden_size, slice_args.slicing, slice_args.slicing_multiple)
     print("[dlp] sliced widths: " + " ".join(str(w) for w in widths))
 
     metadata = {"model": model_id, "recipe": config, "widths": widths, "seed": run_args.seed,

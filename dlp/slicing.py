@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .allocate import balance, lr_sparsities
-from .errors import require
+from .errors import ResultCheckFailed, require
 from .modeling import find_decoder_layers
 from .sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
 from .sweep import LayerContext, sweep
@@ -77,6 +77,19 @@ def sliced_widths(fractions: Sequence[float], full_width: int, multiple: int = 8
     for index in order[: round(sum(units)) - sum(widths)]:
         widths[index] += 1
     return [min(full_width, max(1, w) * multiple) for w in widths]
+
+
+def check_slicing_mean(widths: Sequence[int], full_width: int, target: float, multiple: int) -> float:
+    """The mean fraction ``widths`` slice, which must be ``target`` to within one ``multiple`` over all layers
+    (what rounding to multiples allows): the clamps of :func:`sliced_widths` (every layer keeps at least one
+    multiple) can push it further, and then the run stops before slicing instead of reporting another figure."""
+    measured = 1.0 - sum(widths) / (full_width * len(widths))
+    tolerance = max(0.001, multiple / (full_width * len(widths)))
+    if abs(measured - target) > tolerance:
+        raise ResultCheckFailed(f"slice: widths {list(widths)} slice {100 * measured:.2f}% of the width on average, "
+                                f"but slicing asks {100 * target:.2f}% (a width cannot go below slicing_multiple="
+                                f"{multiple}); nothing was sliced")
+    return measured
 
 
 def sliced_config(config, widths: Sequence[int]) -> SlicedLlamaConfig:

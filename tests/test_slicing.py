@@ -14,7 +14,9 @@ import torch
 from conftest import REPO, requires_demo_model, tiny_model
 from dlp.errors import DlpError
 from dlp.merge import export_model
-from dlp.slicing import (parameter_count, principal_basis, slice_model, sliced_widths, slicing_fractions)
+from dlp.errors import ResultCheckFailed
+from dlp.slicing import (check_slicing_mean, parameter_count, principal_basis, slice_model, sliced_widths,
+                         slicing_fractions)
 from test_prune_lora import ENV, run, write_recipe
 
 ROTATION_TOLERANCE = 1e-4  # fp32 max |logit difference| of a rotated, unsliced model
@@ -51,6 +53,14 @@ def test_widths_keep_the_mean_fraction_where_rounding_each_layer_would_not():
     assert sliced_widths([0.0, 0.5], 64, 8) == [64, 32]
     assert sliced_widths([0.1, 0.2, 0.3], 40, 1) == [36, 32, 28]
 
+
+
+def test_a_mean_the_widths_cannot_reach_stops_the_run():
+    """Rounding keeps the mean within one multiple: 30% of 576 over 30 layers gives 30.0%, accepted. Slicing 99%
+    of a 32-wide model keeps one multiple (8) per layer, 75%: refused before any slicing, not reported as 99%."""
+    assert abs(check_slicing_mean(sliced_widths([0.3] * 30, 576, 8), 576, 0.3, 8) - 0.3) < 0.001
+    with pytest.raises(ResultCheckFailed, match=r"slice 75.00% of the width on average, but slicing asks 99.00%"):
+        check_slicing_mean(sliced_widths([0.99] * 3, 32, 8), 32, 0.99, 8)
 
 def test_lr_fractions_slice_the_most_redundant_layer_most_around_the_mean():
     fractions = slicing_fractions("lr", 0.25, 3, redundancy=[0.1, 0.9, 0.5], spread=0.1)
