@@ -43,10 +43,8 @@ def read_text(source: str, split: str = "train", text_field: str = "text", max_d
     if source in BUILTIN_SOURCES:
         with gzip.open(BUILTIN_SOURCES[source], "rt", encoding="utf-8") as handle:
             return handle.read()
-    check_source(source)
+    check_source(source, scan=False)  # the read below reports a non-UTF-8 byte itself
     path = Path(source).expanduser()
-    if path.exists():
-        check_source(source)
     try:
         if path.exists() and path.suffix != ".jsonl":
             return path.read_text(encoding="utf-8").replace("\r\n", "\n")
@@ -59,9 +57,10 @@ def read_text(source: str, split: str = "train", text_field: str = "text", max_d
     return "\n\n".join(docs)
 
 
-def check_source(source: str, field: str = "data") -> None:
-    """The checks of a text source that need no reading: a known builtin name, a local file of a known kind (a path
-    that does not exist is taken as a hub dataset id and can only be checked by reading it)."""
+def check_source(source: str, field: str = "data", scan: bool = True) -> None:
+    """The checks of a text source before any model loads: a known builtin name, a local file of a known kind that
+    is UTF-8 text (``scan``: streamed through a decoder once; a path that does not exist is taken as a hub dataset
+    id and can only be checked by reading it)."""
     require(not source.startswith("builtin:") or source in BUILTIN_SOURCES,
             f"{field}: data source {source!r} unknown; built-in sources: {sorted(BUILTIN_SOURCES)}")
     path = Path(source).expanduser()
@@ -70,6 +69,8 @@ def check_source(source: str, field: str = "data") -> None:
     require(path.is_file(), f"{field}: {path} is a directory, not a text file")
     require(path.suffix == ".jsonl" or path.suffix in _TEXT_SUFFIXES,
             f"{field}: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}")
+    if not scan:
+        return
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     try:
         with path.open("rb") as handle:

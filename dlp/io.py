@@ -85,7 +85,7 @@ def clear_dlp_artifacts(path: str | Path, what: str = "output_dir") -> list[str]
     path = Path(path)
     if not path.exists():
         return []
-    claim_dir(path, what)  # refuses a foreign directory
+    check_writable_dir(path, what)  # refuses a foreign directory
     kept = []
     for entry in sorted(path.iterdir()):
         if entry.name == MARKER:

@@ -36,13 +36,11 @@ class MaskSet:
 
     def _identity_problems(self, model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
         """How ``model`` differs in kind from the model these masks were made for (their recorded fingerprint)."""
-        made = self.metadata.get("fingerprint")
-        if not made:
+        if not self.metadata.get("fingerprint"):
             return []
         seen = model_fingerprint(model, linears)
-        return [f"they were made for {label} {made.get(key)!r}, the model has {seen[key]!r}"
-                for key, label in (("model_type", "architecture"), ("num_layers", "decoder layers"))
-                if made.get(key) != seen[key]]
+        return [f"they were made for {label} {made!r}, the model has {found!r}" for label, made, found in
+                fingerprint_mismatches(self.metadata["fingerprint"], seen["model_type"], seen["num_layers"])]
 
     def _raise_or_warn(self, problems: list[str]) -> None:
         for problem in problems:
@@ -166,6 +164,16 @@ def model_fingerprint(model: nn.Module, linears: dict[str, nn.Module] | None = N
     return {"model_type": getattr(config, "model_type", type(model).__name__),
             "num_layers": len(find_decoder_layers(model)[1]),
             "modules_sha256": hashlib.sha256(shapes.encode()).hexdigest()}
+
+
+def fingerprint_mismatches(made: dict[str, Any] | None, model_type: str, num_layers: int) -> list[tuple[str, Any, Any]]:
+    """(what, what the masks were made for, what the model has) for each way a model differs in kind from the
+    fingerprint a mask file recorded: the one comparison behind both a loaded model's check and the config-only
+    check of reused masks (:func:`dlp.preflight.check_masks_fit`)."""
+    made = made or {}
+    return [(label, made[key], seen) for key, label, seen in (("model_type", "architecture", model_type),
+                                                              ("num_layers", "decoder layers", num_layers))
+            if key in made and made[key] != seen]
 
 
 @torch.no_grad()

@@ -39,15 +39,14 @@ from .distributed import check_same_masks, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
 from .evaluate import perplexity
 from .finetune import check_lora_args, masked_lora_model, train
-from .io import (TEMP_PREFIX, atomic_write_json, check_writable_dir, claim_dir, is_dlp_dir, mark_dir, read_json,
-                 start_output_dir)
+from .io import TEMP_PREFIX, atomic_write_json, claim_dir, mark_dir, read_json, start_output_dir
 from .masks import MaskSet
 from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
 from .modeling import load_model_and_tokenizer
 from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout
 from .report import write_finetune_report
 from .preflight import check_masks_fit
-from .run_prune import check_prune_settings, run_prune
+from .run_prune import check_prune_settings, finished_report, run_prune
 from .run_slice import check_slice_settings, run_slice
 from .runtime import resolve_device
 
@@ -74,11 +73,8 @@ def run_prune_lora(model_args, prune_args: PruneArguments, eval_args: EvalArgume
     require(ft_args.method == "prune" or not model_args.load_in_4bit,
             "load_in_4bit is supported with method prune only (got method slice)")
     slice_args = slice_args or SliceArguments()
-    check_writable_dir(out)
-    finished = read_json(out / "report.json") if is_dlp_dir(out) and not ft_args.overwrite else None
+    finished = finished_report(out, ft_args.overwrite, announce=state.is_main_process)
     if finished is not None:
-        if state.is_main_process:
-            print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
         return finished
     _check_pipeline_settings(model_args, prune_args, slice_args, eval_args, ft_args, sft_args)
     if state.is_main_process:

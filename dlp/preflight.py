@@ -18,6 +18,7 @@ from torch import nn
 
 from .distributed import zero3_init_disabled
 from .errors import DlpError, require
+from .masks import fingerprint_mismatches
 from .modeling import find_decoder_layers, prunable_linears, resolve_model_dir
 from .weights import logical_shape
 
@@ -93,11 +94,8 @@ def check_masks_fit(plan: ModelPlan, metadata: dict[str, Any], shapes: dict[str,
                     model_field: str = "model_name_or_path") -> None:
     """Masks reused through ``field`` (their metadata and shapes) must have been made for a model like the one
     ``model_field`` names: same architecture and layer count, a mask of the right shape for every prunable module."""
-    made = metadata.get("fingerprint") or {}
-    for key, label, seen in (("model_type", "architecture", plan.model_type),
-                             ("num_layers", "decoder layers", plan.num_layers)):
-        if key in made and made[key] != seen:
-            raise DlpError(f"{field}: the masks were made for {label} {made[key]!r}, {model_field} has {seen!r}")
+    for label, made, seen in fingerprint_mismatches(metadata.get("fingerprint"), plan.model_type, plan.num_layers):
+        raise DlpError(f"{field}: the masks were made for {label} {made!r}, {model_field} has {seen!r}")
     uncovered = sorted(set(plan.shapes) - set(shapes))
     if uncovered:
         raise DlpError(f"{field}: the masks cover {len(plan.shapes) - len(uncovered)} of {model_field}'s "

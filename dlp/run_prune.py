@@ -97,14 +97,29 @@ def finished_run(run_args: RunArguments, preflight: Callable[[], object] = lambd
     is ready for a new run: ``preflight`` (the checks that need no weights) has passed, and only then is anything
     written or removed, so a refused run leaves ``output_dir`` as it found it."""
     out = Path(run_args.output_dir)
-    check_writable_dir(out)
-    finished = read_json(out / "report.json") if is_dlp_dir(out) and not run_args.overwrite else None
+    finished = finished_report(out, run_args.overwrite)
     if finished is not None:
-        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
         return finished
     preflight()
     start_output_dir(out, run_args.overwrite)
     return None
+
+
+def finished_report(out: Path, overwrite: bool, announce: bool = True) -> dict[str, Any] | None:
+    """The report of a run already finished in the dlp directory ``out`` (None with ``overwrite``); ``out`` must be
+    a place dlp may write to either way (checked without writing)."""
+    check_writable_dir(out)
+    finished = read_json(out / "report.json") if is_dlp_dir(out) and not overwrite else None
+    if finished is not None and announce:
+        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+    return finished
+
+
+def check_run_inputs(prune_args: PruneArguments, eval_args: EvalArguments) -> None:
+    """The calibration and evaluation texts and the compute device, which prune and slice runs share."""
+    check_source(prune_args.calibration_data, "calibration_data")
+    check_source(eval_args.eval_data, "eval_data")
+    resolve_device(prune_args.device)
 
 
 def check_prune_settings(model_args, prune_args: PruneArguments, eval_args: EvalArguments, **lengths: int) -> ModelPlan:
@@ -116,9 +131,7 @@ def check_prune_settings(model_args, prune_args: PruneArguments, eval_args: Eval
     pattern = parse_pattern(prune_args.pattern)
     if pattern.is_nm:
         check_pattern_fits(plan, pattern.m, prune_args.pattern)
-    check_source(prune_args.calibration_data, "calibration_data")
-    check_source(eval_args.eval_data, "eval_data")
-    resolve_device(prune_args.device)
+    check_run_inputs(prune_args, eval_args)
     return plan
 
 

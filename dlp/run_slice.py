@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvalArguments, PruneArguments, RunArguments, SliceArguments
-from .data import check_source, load_calibration
+from .data import load_calibration
 from .evaluate import perplexity
 from .io import atomic_write_json, read_json
 from .merge import export_model
 from .modeling import find_decoder_layers
 from .report import write_slice_report
-from .runtime import resolve_device
-from .run_prune import dense_layer_scores, finished_run, prepare_run, reload_matching
+from .run_prune import check_run_inputs, dense_layer_scores, finished_run, prepare_run, reload_matching
 from .preflight import check_lengths, inspect_model
 from .slicing import (check_sliceable, check_sliceable_type, check_slicing_mean, parameter_count, slice_model,
                       sliced_widths, slicing_fractions)
@@ -87,9 +86,7 @@ def check_slice_settings(model_args, prune_args: PruneArguments, eval_args: Eval
     plan = inspect_model(model_args.model_name_or_path)
     check_sliceable_type(plan.model_type)
     check_lengths(plan, seqlen=prune_args.seqlen, eval_seqlen=eval_args.eval_seqlen, **lengths)
-    check_source(prune_args.calibration_data, "calibration_data")
-    check_source(eval_args.eval_data, "eval_data")
-    resolve_device(prune_args.device)
+    check_run_inputs(prune_args, eval_args)
 
 
 def _slicing_summary(dense, sliced, fractions: list[float], widths: list[int], redundancy) -> dict[str, Any]:
