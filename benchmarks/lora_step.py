@@ -25,16 +25,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dlp.lora import attach_masks  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer, prunable_linears  # noqa: E402
-from dlp.prune import keep_mask, magnitude_scores, parse_pattern  # noqa: E402
-from dlp.runtime import setup  # noqa: E402
+from dlp.criteria import keep_mask, magnitude_scores, parse_pattern  # noqa: E402
+from dlp.process import setup  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lora_step.json"
 
 
 def magnitude_masks(model, sparsity: float) -> MaskSet:
     unstructured = parse_pattern("unstructured")
-    return MaskSet({name: keep_mask(magnitude_scores(linear.weight), sparsity, unstructured)
-                    for name, linear in prunable_linears(model).items()})
+    return MaskSet(
+        {
+            name: keep_mask(magnitude_scores(linear.weight), sparsity, unstructured)
+            for name, linear in prunable_linears(model).items()
+        }
+    )
 
 
 def lora_model(model_id: str, masks: MaskSet | None, args):
@@ -46,8 +50,9 @@ def lora_model(model_id: str, masks: MaskSet | None, args):
         masks.apply(model)
     targets = sorted({name.rsplit(".", 1)[-1] for name in prunable_linears(model)})
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
-                                                  target_modules=targets))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules=targets)
+    )
     if args.activation_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
@@ -87,25 +92,37 @@ def main() -> None:
     del base
     plain, masked = lora_model(args.model, masks, args), lora_model(args.model, masks, args)
     attach_masks(masked, masks)
-    ids = torch.randint(0, plain.config.vocab_size, (args.batch, args.seqlen), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, plain.config.vocab_size, (args.batch, args.seqlen), generator=torch.Generator().manual_seed(0)
+    )
     steps = {"plain": step_fn(plain, ids), "masked": step_fn(masked, ids)}
     times: dict[str, list[float]] = {"plain": [], "masked": []}
     for index in range(args.steps + 2):
-        for name in (("plain", "masked") if index % 2 == 0 else ("masked", "plain")):
+        for name in ("plain", "masked") if index % 2 == 0 else ("masked", "plain"):
             elapsed = steps[name]()
             if index >= 2:
                 times[name].append(elapsed)
     medians = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "model": args.model, "sparsity": args.sparsity, "batch": args.batch, "seqlen": args.seqlen, "rank": args.rank,
-        "dropout": args.dropout, "activation_checkpointing": args.activation_checkpointing,
-        "device": "cpu", "threads": torch.get_num_threads(), "steps": args.steps,
-        "median_step_s": medians, "ratio_masked_over_plain": medians["masked"] / medians["plain"],
+        "model": args.model,
+        "sparsity": args.sparsity,
+        "batch": args.batch,
+        "seqlen": args.seqlen,
+        "rank": args.rank,
+        "dropout": args.dropout,
+        "activation_checkpointing": args.activation_checkpointing,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "median_step_s": medians,
+        "ratio_masked_over_plain": medians["masked"] / medians["plain"],
         "all_step_s": times,
     }
-    print(f"plain LoRA {medians['plain']:.3f} s/step | mask-exact LoRA {medians['masked']:.3f} s/step | "
-          f"ratio {result['ratio_masked_over_plain']:.3f}× (batch {args.batch}×{args.seqlen}, r={args.rank}, "
-          f"checkpointing {args.activation_checkpointing})")
+    print(
+        f"plain LoRA {medians['plain']:.3f} s/step | mask-exact LoRA {medians['masked']:.3f} s/step | "
+        f"ratio {result['ratio_masked_over_plain']:.3f}× (batch {args.batch}×{args.seqlen}, r={args.rank}, "
+        f"checkpointing {args.activation_checkpointing})"
+    )
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

@@ -9,24 +9,22 @@ Protocol (DEVELOPERS.md): 32×512 calibration windows of WikiText-2 valid, perpl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from dlp.config import PruneArguments  # noqa: E402
 from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import eval_stream, perplexity  # noqa: E402
 from dlp.io import atomic_write_json, read_json  # noqa: E402
-from dlp.layerwise import PruneSpec, layer_param_counts, prune_model, score_layers  # noqa: E402
+from dlp.criteria import PruneSpec, parse_pattern  # noqa: E402
+from dlp.pruner import layer_param_counts, prune_model, score_layers  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer  # noqa: E402
-from dlp.prune import parse_pattern  # noqa: E402
-from dlp.run_prune import compute_sparsities  # noqa: E402
-from dlp.runtime import setup  # noqa: E402
+from dlp.allocate import compute_sparsities  # noqa: E402
+from dlp.process import setup  # noqa: E402
 
 METHODS = {  # name -> PruneArguments overrides
     "uniform (Wanda)": dict(allocation="uniform"),
@@ -46,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEMO_MODEL)
     parser.add_argument("--sparsity", type=float, default=0.7)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    choices = ", ".join(METHODS).replace("%", "%%")  # argparse formats help with %
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + choices)
     parser.add_argument("--calibration_data", default="builtin:wikitext2-valid")
     parser.add_argument("--eval_data", default="builtin:wikitext2-test")
     parser.add_argument("--out", default="benchmarks/results/ppl_table.json")
@@ -59,8 +58,12 @@ def main() -> None:
     stream = eval_stream(tokenizer, args.eval_data)
     previous = (read_json(args.out) or {}).get("rows", {}) if args.merge else {}
     rows = {**previous, "dense": {"ppl": perplexity(model, tokenizer, args.eval_data, 512, 64, stream=stream).value}}
-    result = {"model": args.model, "calibration": f"32x512 {args.calibration_data} seed 0 sha256 {calib.sha256}",
-              "evaluation": f"first 64 windows x 512 tokens of {args.eval_data}", "rows": rows}
+    result = {
+        "model": args.model,
+        "calibration": f"32x512 {args.calibration_data} seed 0 sha256 {calib.sha256}",
+        "evaluation": f"first 64 windows x 512 tokens of {args.eval_data}",
+        "rows": rows,
+    }
     print(f"dense: {rows['dense']['ppl']:.2f}", flush=True)
     scores = score_layers(model, calib.input_ids)
     params = layer_param_counts(model)
@@ -74,9 +77,17 @@ def main() -> None:
         masks = prune_model(model, calib.input_ids, sparsities, PruneSpec(cfg.criterion, parse_pattern(cfg.pattern)))
         seconds = time.perf_counter() - start
         ppl = perplexity(model, tokenizer, args.eval_data, 512, 64, stream=stream).value
-        rows[name] = {"ppl": ppl, "sparsity": masks.sparsity_report()["overall"], "prune_s": seconds,
-                      "layer_sparsities": sparsities, "masks_digest": masks.digest()}
-        print(f"{name}: ppl {ppl:.2f}, sparsity {100 * rows[name]['sparsity']:.2f}%, pruned in {seconds:.0f} s", flush=True)
+        rows[name] = {
+            "ppl": ppl,
+            "sparsity": masks.sparsity_report()["overall"],
+            "prune_s": seconds,
+            "layer_sparsities": sparsities,
+            "masks_digest": masks.digest(),
+        }
+        print(
+            f"{name}: ppl {ppl:.2f}, sparsity {100 * rows[name]['sparsity']:.2f}%, pruned in {seconds:.0f} s",
+            flush=True,
+        )
         atomic_write_json(args.out, result)  # after every row: a long run keeps what it measured
     print("\n| method | sparsity | perplexity |\n|---|---|---|")
     for name, row in rows.items():

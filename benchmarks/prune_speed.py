@@ -36,10 +36,11 @@ from dlp.allocate import balance, dlp_sparsities  # noqa: E402
 from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import perplexity  # noqa: E402
 from dlp.io import atomic_write_json  # noqa: E402
-from dlp.layerwise import PruneSpec, _layer_score, layer_param_counts, prune_linear, prune_model, score_layers  # noqa: E402
+from dlp.criteria import PruneSpec, prune_linear  # noqa: E402
+from dlp.pruner import _layer_score, layer_param_counts, prune_model, score_layers  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.modeling import DEMO_MODEL, find_decoder_layers, find_linears, load_model_and_tokenizer  # noqa: E402
-from dlp.runtime import setup  # noqa: E402
+from dlp.process import setup  # noqa: E402
 from dlp.stats import InputStats  # noqa: E402
 from dlp.sweep import LayerContext  # noqa: E402
 
@@ -57,7 +58,9 @@ def _research_capture(model: nn.Module, ids: torch.Tensor, device: torch.device)
 
     def grab(_module, args, kwargs):
         inputs.append(args[0] if args else kwargs["hidden_states"])
-        kwargs_seen.update({k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")})
+        kwargs_seen.update(
+            {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")}
+        )
         raise _Catcher
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -106,7 +109,9 @@ def baseline(model, ids, device) -> MaskSet:
         ctx = LayerContext(index, layer, linears, inps, device, None)
         scores.append(_layer_score(ctx, stats, outs, 5.0))
         inps = outs
-    sparsities = balance(dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY)
+    sparsities = balance(
+        dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY
+    )
     masks = {}
     inps, kwargs = _research_capture(model, ids, device)
     for index, layer in enumerate(layers):  # pruning sweep: each layer twice
@@ -118,9 +123,11 @@ def baseline(model, ids, device) -> MaskSet:
 
 
 def engine(model, ids, device, mode: str) -> MaskSet:
-    stats = {} if mode == "fast" else None
-    scores = score_layers(model, ids, device=device, batch_size=8, keep_stats=stats)
-    sparsities = balance(dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY)
+    scoring = score_layers(model, ids, device=device, batch_size=8, keep_stats=mode == "fast")
+    scores, stats = scoring.layers, scoring.stats
+    sparsities = balance(
+        dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY
+    )
     return prune_model(model, ids, sparsities, PruneSpec("wanda"), mode=mode, device=device, batch_size=8, stats=stats)
 
 
@@ -132,11 +139,19 @@ def run_variant(variant: str, args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    masks = baseline(model, ids, device) if variant == "baseline" else engine(model, ids, device, variant.replace("engine", "sequential"))
+    masks = (
+        baseline(model, ids, device)
+        if variant == "baseline"
+        else engine(model, ids, device, variant.replace("engine", "sequential"))
+    )
     seconds = time.perf_counter() - start
-    result = {"variant": variant, "seconds": seconds, "masks_digest": masks.digest(),
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "sparsity": masks.sparsity_report()["overall"]}
+    result = {
+        "variant": variant,
+        "seconds": seconds,
+        "masks_digest": masks.digest(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "sparsity": masks.sparsity_report()["overall"],
+    }
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if variant != "baseline" and args.ppl:
@@ -160,13 +175,27 @@ def main() -> None:
         return
     results = {}
     for variant in ("baseline", "engine", "fast"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--device", args.device, "--ppl", str(args.ppl)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--model",
+            args.model,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--device",
+            args.device,
+            "--ppl",
+            str(args.ppl),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((row for row in proc.stdout.splitlines() if row.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(line[len("RESULT "):])
+        results[variant] = json.loads(line[len("RESULT ") :])
         print(json.dumps(results[variant]), flush=True)
     base, eng, fast = results["baseline"], results["engine"], results["fast"]
     summary = {

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from dlp.io import atomic_write_json  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer  # noqa: E402
-from dlp.runtime import setup  # noqa: E402
+from dlp.process import setup  # noqa: E402
 from dlp.slicing import parameter_count  # noqa: E402
 
 
@@ -49,8 +49,9 @@ def prefill_seconds(model, ids: torch.Tensor) -> float:
 @torch.no_grad()
 def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=0)
+    out = model.generate(
+        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0
+    )
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return time.perf_counter() - start
 
@@ -90,24 +91,41 @@ def main() -> None:
             "widths": getattr(model.config, "sliced_attention_dims", None),
             "prefill_tokens_per_s": batch * length / statistics.median(prefill[name]),
             "decode_tokens_per_s": args.decode / statistics.median(decode[name]),
-            "prefill_s": prefill[name], "decode_s": decode[name],
+            "prefill_s": prefill[name],
+            "decode_s": decode[name],
         }
     dense = results["dense"]
     for name, entry in results.items():
-        entry["ratios"] = {key: entry[key] / dense[key] for key in
-                           ("parameters", "parameters_without_embeddings", "linear_macs_per_token", "prefill_tokens_per_s",
-                            "decode_tokens_per_s")}
-    report = {"dense": args.dense, "prefill": f"{batch}x{length}", "decode_new_tokens": args.decode,
-              "repeats": args.repeats, "threads": torch.get_num_threads(), "machine": platform.processor() or
-              platform.machine(), "torch": torch.__version__, "models": results}
+        entry["ratios"] = {
+            key: entry[key] / dense[key]
+            for key in (
+                "parameters",
+                "parameters_without_embeddings",
+                "linear_macs_per_token",
+                "prefill_tokens_per_s",
+                "decode_tokens_per_s",
+            )
+        }
+    report = {
+        "dense": args.dense,
+        "prefill": f"{batch}x{length}",
+        "decode_new_tokens": args.decode,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "models": results,
+    }
     atomic_write_json(args.out, report)
     print(f"{'model':<55} {'params':>12} {'w/o emb':>8} {'MACs':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, entry in results.items():
         r = entry["ratios"]
-        print(f"{name:<55} {entry['parameters']:>12,} {r['parameters_without_embeddings']:>7.3f}x "
-              f"{r['linear_macs_per_token']:>6.3f}x "
-              f"{entry['prefill_tokens_per_s']:>8.0f} ({r['prefill_tokens_per_s']:.2f}x) "
-              f"{entry['decode_tokens_per_s']:>6.1f} ({r['decode_tokens_per_s']:.2f}x)")
+        print(
+            f"{name:<55} {entry['parameters']:>12,} {r['parameters_without_embeddings']:>7.3f}x "
+            f"{r['linear_macs_per_token']:>6.3f}x "
+            f"{entry['prefill_tokens_per_s']:>8.0f} ({r['prefill_tokens_per_s']:.2f}x) "
+            f"{entry['decode_tokens_per_s']:>6.1f} ({r['decode_tokens_per_s']:.2f}x)"
+        )
     print(f"[bench] written to {args.out}")
 
 

@@ -11,6 +11,11 @@ to the target and clips to [0, max_sparsity], warning when it had to clip.
 * ``owl`` (Yin et al., 2024): D_l = share of Wanda scores above M·mean; more outliers ⇒ less pruning.
 * ``lr`` (Dynamic Slicing, 2024): redundancy R_l = mean over tokens of cos(h_in, h_out); more redundant ⇒
   pruned more.
+* ``uniform``: the target everywhere; ``explicit``: a list the user gives, taken as it is.
+
+Adding an allocator is one entry in :data:`ALLOCATORS` (its name, whether it needs the dense scoring sweep, and
+the function from the recipe's settings and the layer scores to raw sparsities) plus the recipe fields of its own
+parameters, if it has any: the recipe's ``allocation`` choices and the stages look everything else up there.
 """
 
 from __future__ import annotations
@@ -19,13 +24,12 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import DlpError, require
 
-ALLOCATIONS = ("uniform", "owl", "dlp", "lr", "explicit")
 SLICING_ALLOCATIONS = ("uniform", "lr")  # per-layer slicing fractions (dlp/slicing.py)
 DLP_STATISTICS = ("median", "mean")
 
@@ -91,20 +95,25 @@ def parse_layer_sparsities(spec: str | Sequence[float], max_sparsity: float = 0.
                 raise DlpError(f"layer_sparsities must be a JSON file or comma-separated floats (got {spec!r})")
     else:
         values = list(spec)
-    require(isinstance(values, list) and values and all(isinstance(v, (int, float)) for v in values),
-            f"layer_sparsities must be a non-empty list of numbers (got {values!r})"[:200])
+    require(
+        isinstance(values, list) and values and all(isinstance(v, (int, float)) for v in values),
+        f"layer_sparsities must be a non-empty list of numbers (got {values!r})"[:200],
+    )
     bad = [v for v in values if not 0.0 <= float(v) <= max_sparsity]
     if bad:
-        raise DlpError(f"layer_sparsities: every value must be in [0, max_layer_sparsity={max_sparsity}] "
-                       f"(got {bad[0]})")
+        raise DlpError(
+            f"layer_sparsities: every value must be in [0, max_layer_sparsity={max_sparsity}] (got {bad[0]})"
+        )
     return [float(v) for v in values]
 
 
 def explicit_sparsities(spec: str | Sequence[float], num_layers: int, max_sparsity: float = 0.99) -> list[float]:
     """:func:`parse_layer_sparsities` plus the one check that needs the model: one value per decoder layer."""
     values = parse_layer_sparsities(spec, max_sparsity)
-    require(len(values) == num_layers,
-            f"layer_sparsities must list {num_layers} values, one per decoder layer (got {len(values)})")
+    require(
+        len(values) == num_layers,
+        f"layer_sparsities must list {num_layers} values, one per decoder layer (got {len(values)})",
+    )
     return values
 
 
@@ -113,8 +122,13 @@ def weighted_mean(sparsities: Sequence[float], params: Sequence[int]) -> float:
     return float(sum(s * p for s, p in zip(sparsities, params)) / sum(params))
 
 
-def balance(sparsities: Sequence[float], params: Sequence[int], target: float, max_sparsity: float = 0.99,
-            rebalance: bool = True) -> list[float]:
+def balance(
+    sparsities: Sequence[float],
+    params: Sequence[int],
+    target: float,
+    max_sparsity: float = 0.99,
+    rebalance: bool = True,
+) -> list[float]:
     """Shift all sparsities by one constant so the parameter-weighted mean is ``target``, clipped to
     [0, max_sparsity] (with a warning when clipping happened).
 
@@ -144,7 +158,68 @@ def balance(sparsities: Sequence[float], params: Sequence[int], target: float, m
     if bool((clipped != shifted).any()):
         layers = [i for i in range(len(values)) if float(clipped[i]) != float(shifted[i])]
         mean = float((weights * clipped).sum())
-        warnings.warn(f"layer sparsities clipped to [0, {max_sparsity}] for layers {layers}; the weighted mean "
-                      f"is now {mean:.4f}" + (" (the others were shifted to keep it on target)" if rebalance else ""),
-                      stacklevel=2)
+        warnings.warn(
+            f"layer sparsities clipped to [0, {max_sparsity}] for layers {layers}; the weighted mean "
+            f"is now {mean:.4f}" + (" (the others were shifted to keep it on target)" if rebalance else ""),
+            stacklevel=2,
+        )
     return clipped.tolist()
+
+
+RawSparsities = Callable[[Any, "Sequence[LayerScores] | None", int], list[float]]
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """A layerwise allocation: ``raw(settings, layer_scores, num_layers)`` gives per-layer sparsities before
+    :func:`balance` (``settings``: the recipe's pruning fields, e.g. ``PruneArguments``)."""
+
+    name: str
+    raw: RawSparsities
+    needs_scores: bool = True  # whether the dense scoring sweep must run first
+    rebalance: bool = True  # False: the values are the user's, taken as given (not shifted to a target)
+
+
+def _explicit(settings, _scores, num_layers: int) -> list[float]:
+    return explicit_sparsities(settings.layer_sparsities, num_layers, settings.max_layer_sparsity)
+
+
+def _dlp(settings, scores: Sequence[LayerScores], _num_layers: int) -> list[float]:
+    statistic = [s.wanda_median if settings.dlp_statistic == "median" else s.wanda_mean for s in scores]
+    return dlp_sparsities(statistic, settings.sparsity, settings.dlp_alpha)
+
+
+ALLOCATORS: dict[str, Allocator] = {
+    allocator.name: allocator
+    for allocator in (
+        Allocator(
+            "uniform", lambda settings, _scores, num_layers: [settings.sparsity] * num_layers, needs_scores=False
+        ),
+        Allocator(
+            "owl",
+            lambda settings, scores, _n: owl_sparsities(
+                [s.outlier_ratio for s in scores], settings.sparsity, settings.owl_lambda
+            ),
+        ),
+        Allocator("dlp", _dlp),
+        Allocator(
+            "lr",
+            lambda settings, scores, _n: lr_sparsities(
+                [s.redundancy for s in scores], settings.sparsity, settings.lr_spread
+            ),
+        ),
+        Allocator("explicit", _explicit, needs_scores=False, rebalance=False),
+    )
+}
+ALLOCATIONS = tuple(ALLOCATORS)
+
+
+def compute_sparsities(settings, scores: Sequence[LayerScores] | None, params: Sequence[int]) -> list[float]:
+    """Per-layer sparsities for ``settings.allocation``, balanced to ``settings.sparsity`` and clipped (an explicit
+    list is taken as given)."""
+    allocator = ALLOCATORS[settings.allocation]
+    require(scores is not None or not allocator.needs_scores, f"allocation {allocator.name} needs the layer scores")
+    raw = allocator.raw(settings, scores, len(params))
+    if not allocator.rebalance:
+        return raw
+    return balance(raw, params, settings.sparsity, settings.max_layer_sparsity)

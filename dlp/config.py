@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
-from .allocate import ALLOCATIONS, DLP_STATISTICS, SLICING_ALLOCATIONS, parse_layer_sparsities
+from .allocate import ALLOCATIONS, ALLOCATORS, DLP_STATISTICS, SLICING_ALLOCATIONS, parse_layer_sparsities
+from .criteria import CRITERIA, parse_pattern
 from .errors import DlpError, require
-from .layerwise import CRITERIA, MODES
-from .prune import parse_pattern
+from .pruner import check_prune_mode
 
 
 MERGE_BASES = ("full", "dequantized")
-METHODS = ("prune", "slice")
+# Recipes renamed to one scheme, <allocation>_<criterion or slice>_<percent>[_<recovery>] (2026-11): the old path still
+# works, with a deprecation line, when the new file sits where the old one was.
+RENAMED_RECIPES = {
+    "smollm2-135m/sparsegpt_dlp_70.yaml": "smollm2-135m/dlp_sparsegpt_70.yaml",
+    "smollm2-135m/wanda_2of4.yaml": "smollm2-135m/uniform_wanda_2of4.yaml",
+    "smollm2-135m/dynslice_25.yaml": "smollm2-135m/lr_slice_25.yaml",
+    "smollm2-135m/dynslice_25_lora.yaml": "smollm2-135m/lr_slice_25_lora.yaml",
+    "llama-2-7b/dynslice_25_lora.yaml": "llama-2-7b/lr_slice_25_lora.yaml",
+}
 
 
 def require_choice(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -27,95 +36,159 @@ def require_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 
 
 @dataclass
-class PruneArguments:
-    """What to prune, how, and with which calibration data."""
+class CalibrationArguments:
+    """The calibration text and how the layer-by-layer sweep reads it; shared by pruning, slicing and evaluation.
 
-    # --- calibration data
-    calibration_data: str = field(default="builtin:wikitext2-valid", metadata={
-        "help": "Calibration text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id (id or id:config)."})
+    ``seed`` is not a field of its own here: the recipe's one ``seed`` key (the run's, or the trainer's in the
+    pipeline) is copied in after parsing, so calibration sampling and training cannot be seeded apart by mistake.
+    """
+
+    calibration_data: str = field(
+        default="builtin:wikitext2-valid",
+        metadata={
+            "help": "Calibration text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id "
+            "(id or id:config)."
+        },
+    )
     calibration_split: str = field(default="train", metadata={"help": "Split of a HF dataset to calibrate on."})
     nsamples: int = field(default=32, metadata={"help": "Number of calibration windows (the papers use 128)."})
     seqlen: int = field(default=512, metadata={"help": "Tokens per calibration window (the papers use 2048)."})
-    calibration_batch_size: int = field(default=8, metadata={
-        "help": "Windows per layer call (a speed/memory knob; fast mode uses all windows at once)."})
+    calibration_batch_size: int = field(
+        default=8,
+        metadata={"help": "Windows per layer call (a speed/memory knob; fast mode uses all windows at once)."},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "Compute device for the sweep and evaluation: auto, cpu, cuda, cuda:N."}
+    )
+    seed: int = field(default=0, init=False)  # set from the recipe's seed after parsing (see the class docstring)
+
+    def __post_init__(self) -> None:
+        require(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
+        require(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
+        require(
+            self.calibration_batch_size >= 1, f"calibration_batch_size must be >= 1 (got {self.calibration_batch_size})"
+        )
+
+    def seeded(self, seed: int) -> "CalibrationArguments":
+        """These settings with the run's seed (the one ``seed`` key of the recipe)."""
+        self.seed = seed
+        return self
+
+
+@dataclass
+class PruneArguments:
+    """How much to prune, where (the layerwise allocation) and how (criterion, pattern, mode)."""
+
     # --- sparsity and its layerwise allocation
     sparsity: float = field(default=0.7, metadata={"help": "Target sparsity of the decoder Linears, in [0, 1)."})
     allocation: str = field(default="dlp", metadata={"help": f"Layerwise allocation: {', '.join(ALLOCATIONS)}."})
     dlp_alpha: float = field(default=0.15, metadata={"help": "DLP: layer sparsities span target ± alpha."})
-    dlp_statistic: str = field(default="median", metadata={
-        "help": "DLP layer score: median of Wanda scores (paper) or mean (released code)."})
+    dlp_statistic: str = field(
+        default="median", metadata={"help": "DLP layer score: median of Wanda scores (paper) or mean (released code)."}
+    )
     owl_m: float = field(default=5.0, metadata={"help": "OWL: a score above M × mean is an outlier."})
     owl_lambda: float = field(default=0.08, metadata={"help": "OWL: layer sparsities span target ± lambda."})
     lr_spread: float = field(default=0.1, metadata={"help": "LR: layer sparsities span target ± spread."})
-    layer_sparsities: str | None = field(default=None, metadata={
-        "help": "allocation=explicit: comma-separated sparsities in [0, max_layer_sparsity], one per layer, or a "
-                "JSON file with a list. The overall target is then their weighted mean (sparsity is not used)."})
+    layer_sparsities: str | None = field(
+        default=None,
+        metadata={
+            "help": "allocation=explicit: comma-separated sparsities in [0, max_layer_sparsity], one per layer, or a "
+            "JSON file with a list. The overall target is then their weighted mean (sparsity is not used)."
+        },
+    )
     max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper clip for any layer's sparsity."})
     # --- criterion and pattern
     criterion: str = field(default="wanda", metadata={"help": f"Pruning criterion: {', '.join(CRITERIA)}."})
-    pattern: str = field(default="unstructured", metadata={
-        "help": "unstructured (per output row) or N:M, e.g. 2:4 (keep N of every M inputs; fixes sparsity at 1-N/M)."})
+    pattern: str = field(
+        default="unstructured",
+        metadata={
+            "help": "unstructured (per output row) or N:M, e.g. 2:4 (keep N of every M inputs; fixes sparsity at "
+            "1-N/M)."
+        },
+    )
     sparsegpt_blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per block."})
-    sparsegpt_percdamp: float = field(default=0.01, metadata={"help": "SparseGPT: dampening, fraction of mean diag(H)."})
-    prune_mode: str = field(default="sequential", metadata={
-        "help": "sequential (the papers' protocol: layer l+1 calibrated on the pruned layer l); fast (one dense "
-                "sweep gives both the ratios and the pruning statistics; wanda/magnitude); onepass (one forward "
-                "per layer, each Linear pruned as soon as its whole-batch input is known; any criterion)."})
-    device: str = field(default="auto", metadata={"help": "Compute device for the sweep and evaluation: auto, cpu, cuda, cuda:N."})
+    sparsegpt_percdamp: float = field(
+        default=0.01, metadata={"help": "SparseGPT: dampening, fraction of mean diag(H)."}
+    )
+    prune_mode: str = field(
+        default="sequential",
+        metadata={
+            "help": "sequential (the papers' protocol: layer l+1 calibrated on the pruned layer l); fast (one dense "
+            "sweep gives both the ratios and the pruning statistics; wanda/magnitude); onepass (one forward "
+            "per layer, each Linear pruned as soon as its whole-batch input is known; any criterion)."
+        },
+    )
 
     def __post_init__(self) -> None:
-        require_choice("allocation", self.allocation, ALLOCATIONS)
+        require_choice("allocation", self.allocation, tuple(ALLOCATORS))
         require_choice("dlp_statistic", self.dlp_statistic, DLP_STATISTICS)
-        require_choice("criterion", self.criterion, CRITERIA)
-        require_choice("prune_mode", self.prune_mode, MODES)
+        require_choice("criterion", self.criterion, tuple(CRITERIA))
+        check_prune_mode(self.criterion, self.prune_mode)
         require(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1) (got {self.sparsity})")
-        require(0.0 < self.max_layer_sparsity < 1.0, f"max_layer_sparsity must be in (0, 1) (got {self.max_layer_sparsity})")
-        require(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
-        require(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
-        require(self.calibration_batch_size >= 1, f"calibration_batch_size must be >= 1 (got {self.calibration_batch_size})")
+        require(
+            0.0 < self.max_layer_sparsity < 1.0, f"max_layer_sparsity must be in (0, 1) (got {self.max_layer_sparsity})"
+        )
         for name in ("dlp_alpha", "owl_lambda", "lr_spread"):
             require(0.0 <= getattr(self, name) < 0.5, f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
         require(self.owl_m > 0, f"owl_m must be > 0 (got {self.owl_m})")
-        require(self.allocation != "explicit" or self.layer_sparsities,
-                "allocation=explicit needs layer_sparsities (comma-separated floats or a JSON file)")
+        require(
+            self.allocation != "explicit" or self.layer_sparsities,
+            "allocation=explicit needs layer_sparsities (comma-separated floats or a JSON file)",
+        )
         if self.allocation == "explicit":  # values and file now; their count once the model's config is read
             parse_layer_sparsities(self.layer_sparsities, self.max_layer_sparsity)
         else:
-            require(self.sparsity <= self.max_layer_sparsity, f"max_layer_sparsity ({self.max_layer_sparsity}) must "
-                    f"be >= sparsity ({self.sparsity}): no layer could go above it, so the mean cannot reach it")
-        require(not (self.prune_mode == "fast" and self.criterion == "sparsegpt"),
-                "prune_mode fast supports criterion wanda or magnitude; use onepass or sequential for sparsegpt")
+            require(
+                self.sparsity <= self.max_layer_sparsity,
+                f"max_layer_sparsity ({self.max_layer_sparsity}) must "
+                f"be >= sparsity ({self.sparsity}): no layer could go above it, so the mean cannot reach it",
+            )
         pattern = parse_pattern(self.pattern)
         if pattern.is_nm:
             # N:M exists for sparse tensor cores, which run one fixed N:M; a per-layer N would need per-layer kernels.
-            require(self.allocation == "uniform", f"pattern {self.pattern} fixes every layer at {pattern.sparsity:.0%} "
-                    f"sparsity, so allocation must be uniform (got {self.allocation!r})")
-            require(abs(self.sparsity - pattern.sparsity) < 1e-9, f"pattern {self.pattern} removes exactly "
-                    f"{pattern.sparsity:g} of the weights: set sparsity: {pattern.sparsity:g} (got {self.sparsity})")
+            require(
+                self.allocation == "uniform",
+                f"pattern {self.pattern} fixes every layer at {pattern.sparsity:.0%} "
+                f"sparsity, so allocation must be uniform (got {self.allocation!r})",
+            )
+            require(
+                abs(self.sparsity - pattern.sparsity) < 1e-9,
+                f"pattern {self.pattern} removes exactly "
+                f"{pattern.sparsity:g} of the weights: set sparsity: {pattern.sparsity:g} (got {self.sparsity})",
+            )
 
 
 @dataclass
 class SliceArguments:
     """Rotate-and-slice (SliceGPT) with uniform or Layer-Redundancy-driven per-layer widths (Dynamic Slicing).
 
-    Calibration comes from the pruning fields (calibration_data, nsamples, seqlen, calibration_batch_size, device).
+    Calibration comes from :class:`CalibrationArguments`, as for pruning.
     """
 
-    slicing: float = field(default=0.25, metadata={
-        "help": "Mean fraction of the residual-stream width removed per layer, in [0, 1)."})
-    slicing_allocation: str = field(default="lr", metadata={
-        "help": f"Per-layer fractions: {', '.join(SLICING_ALLOCATIONS)} (lr: Layer Redundancy, Dynamic Slicing)."})
-    slicing_spread: float = field(default=0.1, metadata={
-        "help": "lr: layer fractions span slicing ± spread (the most redundant layer is sliced most)."})
+    slicing: float = field(
+        default=0.25, metadata={"help": "Mean fraction of the residual-stream width removed per layer, in [0, 1)."}
+    )
+    slicing_allocation: str = field(
+        default="lr",
+        metadata={
+            "help": f"Per-layer fractions: {', '.join(SLICING_ALLOCATIONS)} (lr: Layer Redundancy, Dynamic Slicing)."
+        },
+    )
+    slicing_spread: float = field(
+        default=0.1,
+        metadata={"help": "lr: layer fractions span slicing ± spread (the most redundant layer is sliced most)."},
+    )
     slicing_multiple: int = field(default=8, metadata={"help": "Every sliced width is a multiple of this."})
 
     def __post_init__(self) -> None:
         require_choice("slicing_allocation", self.slicing_allocation, SLICING_ALLOCATIONS)
         require(0.0 <= self.slicing < 1.0, f"slicing must be in [0, 1) (got {self.slicing})")
         require(0.0 <= self.slicing_spread < 0.5, f"slicing_spread must be in [0, 0.5) (got {self.slicing_spread})")
-        require(self.slicing_spread <= self.slicing or self.slicing_allocation == "uniform",
-                f"slicing_spread ({self.slicing_spread}) must not exceed slicing ({self.slicing}): "
-                "no layer can be sliced by less than 0")
+        require(
+            self.slicing_spread <= self.slicing or self.slicing_allocation == "uniform",
+            f"slicing_spread ({self.slicing_spread}) must not exceed slicing ({self.slicing}): "
+            "no layer can be sliced by less than 0",
+        )
         require(self.slicing_multiple >= 1, f"slicing_multiple must be >= 1 (got {self.slicing_multiple})")
 
 
@@ -123,14 +196,25 @@ class SliceArguments:
 class EvalArguments:
     """Perplexity (standard protocol) and optional lm-eval zero-shot tasks."""
 
-    eval_data: str = field(default="builtin:wikitext2-test", metadata={
-        "help": "Perplexity text: builtin:wikitext2-test, a local file, or a HF dataset id. Never the calibration split."})
+    eval_data: str = field(
+        default="builtin:wikitext2-test",
+        metadata={
+            "help": "Perplexity text: builtin:wikitext2-test, a local file, or a HF dataset id. Never the calibration "
+            "split."
+        },
+    )
     eval_seqlen: int = field(default=512, metadata={"help": "Tokens per perplexity window (papers: 2048)."})
     eval_max_windows: int = field(default=64, metadata={"help": "Evaluate the first N windows; 0 = the whole split."})
     eval_batch_size: int = field(default=1, metadata={"help": "Windows per forward during evaluation."})
-    eval_dense: bool = field(default=True, metadata={"help": "Also measure the dense model's perplexity, for the report."})
-    eval_tasks: str | None = field(default=None, metadata={
-        "help": "Comma-separated lm-eval zero-shot tasks (needs `pip install dlp[eval]` and the tasks' datasets)."})
+    eval_dense: bool = field(
+        default=True, metadata={"help": "Also measure the dense model's perplexity, for the report."}
+    )
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated lm-eval zero-shot tasks (needs `pip install dlp[eval]` and the tasks' datasets)."
+        },
+    )
 
     def __post_init__(self) -> None:
         require(self.eval_seqlen >= 2, f"eval_seqlen must be >= 2 (got {self.eval_seqlen})")
@@ -146,31 +230,60 @@ class EvalArguments:
 class FinetuneArguments:
     """The fine-tuning data and what the prune-then-finetune pipeline keeps (training itself: trl's SFTConfig)."""
 
-    method: str = field(default="prune", metadata={
-        "help": f"What is done before fine-tuning: prune (masks; pruning fields) or slice (slicing fields). "
-                f"One of {', '.join(METHODS)}."})
-    train_data: str = field(default="builtin:wikitext2-valid", metadata={
-        "help": "Fine-tuning text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id (id or id:config)."})
+    method: str = field(
+        default="prune",
+        metadata={"help": "What is done before fine-tuning: prune (masks; pruning fields) or slice (slicing fields)."},
+    )
+    train_data: str = field(
+        default="builtin:wikitext2-valid",
+        metadata={
+            "help": "Fine-tuning text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id "
+            "(id or id:config)."
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Split of a HF dataset to fine-tune on."})
-    train_max_windows: int = field(default=0, metadata={
-        "help": "Use at most N windows of max_length tokens (consecutive, from the start of the text); 0 = all."})
-    prune_dir: str | None = field(default=None, metadata={
-        "help": "Reuse a finished train/prune.py run (its masks.safetensors and model/) instead of pruning again."})
-    slice_dir: str | None = field(default=None, metadata={
-        "help": "method slice: reuse a finished train/slice.py run (its model/) instead of slicing again."})
-    check_merge: bool = field(default=True, metadata={
-        "help": "After merging, compare the merged model's logits with the adapter model's on a few windows."})
-    merge_base: str = field(default="full", metadata={
-        "help": f"4-bit (load_in_4bit) runs: merge into the full-precision pruned weights (full, the default) or "
-                f"into the dequantized 4-bit weights the adapter was trained on (dequantized). One of {', '.join(MERGE_BASES)}."})
-    export_4bit: bool = field(default=False, metadata={
-        "help": "Also write model-4bit/: the merged sparse model re-quantized to 4-bit (bnb_4bit_* fields)."})
+    train_max_windows: int = field(
+        default=0,
+        metadata={
+            "help": "Use at most N windows of max_length tokens (consecutive, from the start of the text); 0 = all."
+        },
+    )
+    prune_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reuse a finished train/prune.py run (its masks.safetensors and model/) instead of pruning again."
+        },
+    )
+    slice_dir: str | None = field(
+        default=None,
+        metadata={"help": "method slice: reuse a finished train/slice.py run (its model/) instead of slicing again."},
+    )
+    check_merge: bool = field(
+        default=True,
+        metadata={
+            "help": "After merging, compare the merged model's logits with the adapter model's on a few windows."
+        },
+    )
+    merge_base: str = field(
+        default="full",
+        metadata={
+            "help": f"4-bit (load_in_4bit) runs: merge into the full-precision pruned weights (full, the default) or "
+            f"into the dequantized 4-bit weights the adapter was trained on (dequantized). One of "
+            f"{', '.join(MERGE_BASES)}."
+        },
+    )
+    export_4bit: bool = field(
+        default=False,
+        metadata={"help": "Also write model-4bit/: the merged sparse model re-quantized to 4-bit (bnb_4bit_* fields)."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Start over even if output_dir holds a (partial) run."})
 
     def __post_init__(self) -> None:
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
         require_choice("merge_base", self.merge_base, MERGE_BASES)
-        require_choice("method", self.method, METHODS)
+        from .stages import METHODS  # here: the stages import this module
+
+        require_choice("method", self.method, tuple(METHODS))
 
 
 @dataclass
@@ -183,8 +296,9 @@ class RunArguments:
     save_model: bool = field(default=True, metadata={"help": "Save the pruned model (safetensors) besides the masks."})
 
 
-def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
-                 defaults: Sequence[tuple[str, str, str]] = ()) -> tuple:
+def parse_config(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, defaults: Sequence[tuple[str, str, str]] = ()
+) -> tuple:
     """Parse ``--config recipe.yaml`` plus CLI overrides into the given dataclasses (user errors: DlpError).
 
     ``defaults`` are ``(--field, value, note)``: the value applies unless the command line or the recipe sets the
@@ -205,6 +319,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     if "--config" in argv:
         index = argv.index("--config")
         require(index + 1 < len(argv), "--config needs a recipe file")
+        argv[index + 1] = renamed_recipe(argv[index + 1])
         recipe = _check_recipe(parser, argv[index + 1])
     for flag, value, note in defaults:
         if flag not in argv and flag.lstrip("-") not in recipe:
@@ -217,6 +332,18 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
         raise
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise DlpError(f"config: {str(exc).splitlines()[0]}")
+
+
+def renamed_recipe(path: str) -> str:
+    """``path``, or the recipe it was renamed to (with a deprecation line) when only the new name exists."""
+    old = Path(path)
+    new_name = RENAMED_RECIPES.get(f"{old.parent.name}/{old.name}")
+    if old.exists() or new_name is None or not (old.parent.parent / new_name).is_file():
+        return path
+    new = str(old.parent.parent / new_name)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[dlp] deprecated: recipe {path} was renamed {new}; using it (the old name goes in a later release)")
+    return new
 
 
 def _check_recipe(parser, path: str) -> dict:
@@ -234,8 +361,10 @@ def _check_recipe(parser, path: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise DlpError(f"config: {path} is not valid YAML{where} ({getattr(exc, 'problem', None) or exc})")
-    require(isinstance(recipe, dict), f"config: {path} must be a YAML mapping of field: value (got a "
-                                      f"{type(recipe).__name__})")
+    require(
+        isinstance(recipe, dict),
+        f"config: {path} must be a YAML mapping of field: value (got a {type(recipe).__name__})",
+    )
     actions = {action.dest: action for action in parser._actions}
     for key, value in recipe.items():
         action = actions.get(key)
@@ -243,8 +372,10 @@ def _check_recipe(parser, path: str) -> dict:
             continue  # unknown keys are reported by the parser
         if isinstance(value, str):  # argparse converts (and checks) a string default's type, but not its choices
             choices = [str(c) for c in action.choices] if action.choices is not None else None
-            require(choices is None or value in choices, f"config: {key} must be one of {', '.join(choices or [])} "
-                                                          f"(got {value!r})")
+            require(
+                choices is None or value in choices,
+                f"config: {key} must be one of {', '.join(choices or [])} (got {value!r})",
+            )
             continue
         _check_value(key, value, action)
     return recipe
@@ -258,13 +389,18 @@ def _check_value(key: str, value, action) -> None:
     require(not isinstance(value, (list, dict)), f"config: {key} takes a single value (got {value!r})")
     kind = action.type
     if kind is int:
-        require(isinstance(value, int) and not isinstance(value, bool),
-                f"config: {key} must be an integer (got {value!r})")
+        require(
+            isinstance(value, int) and not isinstance(value, bool), f"config: {key} must be an integer (got {value!r})"
+        )
     elif kind is float:
-        require(isinstance(value, (int, float)) and not isinstance(value, bool), f"config: {key} must be a number "
-                                                                                f"(got {value!r})")
+        require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"config: {key} must be a number (got {value!r})",
+        )
     elif getattr(kind, "__name__", "") == "string_to_bool":
         require(isinstance(value, bool), f"config: {key} must be true or false (got {value!r})")
     if action.choices is not None:
-        require(value in action.choices, f"config: {key} must be one of {', '.join(map(str, action.choices))} "
-                                         f"(got {value!r})")
+        require(
+            value in action.choices,
+            f"config: {key} must be one of {', '.join(map(str, action.choices))} (got {value!r})",
+        )

@@ -53,6 +53,21 @@ def check_same_masks(digest: str, state) -> None:
     dist.all_gather_object(digests, digest)
     differ = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differ:
-        raise DlpError(f"masks: rank {differ[0]} holds masks {digests[differ[0]][:12]}… but rank 0 holds "
-                       f"{digests[0][:12]}…; every rank must read the same prune/masks.safetensors "
-                       "(is output_dir on a filesystem all nodes share?)")
+        raise DlpError(
+            f"masks: rank {differ[0]} holds masks {digests[differ[0]][:12]}… but rank 0 holds "
+            f"{digests[0][:12]}…; every rank must read the same prune/masks.safetensors "
+            "(is output_dir on a filesystem all nodes share?)"
+        )
+
+
+def describe_zero3_shards(model, state) -> None:
+    """Under ZeRO-3, print how much of the base model this rank holds (what partitioned loading saved); else
+    nothing."""
+    if not zero3_enabled():
+        return
+    shards = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+    held, total = sum(p.ds_tensor.numel() for p in shards), sum(p.ds_numel for p in shards)
+    print(
+        f"[dlp] ZeRO-3: rank {state.process_index} holds {held:,} of {total:,} base weights "
+        f"({100 * held / max(total, 1):.0f}%)"
+    )

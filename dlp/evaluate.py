@@ -2,7 +2,8 @@
 
 Perplexity protocol (as in the SparseGPT/Wanda/DLP papers): the test split's text (see :mod:`dlp.data` for how
 a file or a hub dataset becomes one text) is tokenized once; the stream is cut into non-overlapping windows of
-``seqlen`` tokens from its start; perplexity is exp of the mean negative log-likelihood over every predicted token (seqlen − 1 per
+``seqlen`` tokens from its start; perplexity is exp of the mean negative log-likelihood over every predicted token
+(seqlen − 1 per
 window). Every figure is reported with ``seqlen`` and the number of windows.
 """
 
@@ -44,8 +45,16 @@ def eval_stream(tokenizer, source: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, source: str, seqlen: int = 512, max_windows: int | None = 64,
-               batch_size: int = 1, device: str | torch.device = "cpu", stream: torch.Tensor | None = None) -> Perplexity:
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    source: str,
+    seqlen: int = 512,
+    max_windows: int | None = 64,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    stream: torch.Tensor | None = None,
+) -> Perplexity:
     """Perplexity of ``model`` on ``source`` (see module docstring for the protocol)."""
     require(seqlen >= 2, f"eval_seqlen must be >= 2 (got {seqlen})")
     start = time.perf_counter()
@@ -61,8 +70,9 @@ def perplexity(model: nn.Module, tokenizer, source: str, seqlen: int = 512, max_
         total_nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
         total_tokens += targets.numel()
     model.to(home)
-    return Perplexity(math.exp(total_nll / total_tokens), source, seqlen, windows.shape[0], total_tokens,
-                      time.perf_counter() - start)
+    return Perplexity(
+        math.exp(total_nll / total_tokens), source, seqlen, windows.shape[0], total_tokens, time.perf_counter() - start
+    )
 
 
 def lm_eval_available() -> bool:
@@ -77,4 +87,6 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str], batch_size: int = 8
 
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=0, limit=limit)["results"]
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in results.items()}
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in results.items()
+    }

@@ -22,19 +22,13 @@ from .errors import DlpError, require
 from .lora import attach_masks
 from .masks import MaskSet
 from .modeling import prunable_linears
-from .weights import is_transposed
+from .projections import is_transposed
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """Every kind of prunable projection of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections;
-    for GPT-2 the Conv1D c_attn/c_proj/c_fc).
-
-    A sliced model's basis changes (``input_proj``, ``attn_shortcut``, ``mlp_shortcut``) are left out: they are
-    rotations, not learned projections, and an adapter on them would only add parameters."""
-    from .sliced_llama import SLICING_STRUCTURE  # here, not at import: it loads transformers' Llama code
-
-    names = {name.rsplit(".", 1)[-1] for name in prunable_linears(model)}
-    return sorted(names - set(SLICING_STRUCTURE))
+    for GPT-2 the Conv1D c_attn/c_proj/c_fc). A compression method may narrow this (its ``lora_targets``)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in prunable_linears(model)})
 
 
 def check_lora_args(model_args) -> None:
@@ -44,29 +38,41 @@ def check_lora_args(model_args) -> None:
     require(0.0 <= model_args.lora_dropout < 1.0, f"lora_dropout must be in [0, 1) (got {model_args.lora_dropout})")
 
 
-def lora_config(model_args, model: nn.Module):
-    """peft ``LoraConfig`` from trl's ``ModelConfig`` fields (``lora_r``, ``lora_alpha``, ...).
+def lora_config(model_args, model: nn.Module, default_targets: list[str] | None = None):
+    """peft ``LoraConfig`` from trl's ``ModelConfig`` fields (``lora_r``, ``lora_alpha``, ...); the targets are
+    ``lora_target_modules`` if the recipe sets them, else ``default_targets`` (else every prunable projection).
 
     ``fan_in_fan_out`` is set when the prunable projections are Conv1D (GPT-2), which store their weight
     transposed: peft would set it per layer anyway, with a warning for every layer."""
     from peft import LoraConfig
 
     check_lora_args(model_args)
-    targets = model_args.lora_target_modules or default_target_modules(model)
+    targets = model_args.lora_target_modules or default_targets or default_target_modules(model)
     transposed = any(is_transposed(module) for module in prunable_linears(model).values())
-    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      target_modules=targets, modules_to_save=model_args.lora_modules_to_save,
-                      use_rslora=model_args.use_rslora, task_type="CAUSAL_LM", fan_in_fan_out=transposed)
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=transposed,
+    )
 
 
-def masked_lora_model(model: nn.Module, masks: MaskSet | None, model_args) -> nn.Module:
+def masked_lora_model(
+    model: nn.Module, masks: MaskSet | None, model_args, default_targets: list[str] | None = None
+) -> nn.Module:
     """Wrap a compressed model with peft LoRA; with ``masks`` (a pruned model) every adapter on a pruned Linear
-    is made mask-exact. A sliced model has no masks: its weights are dense, only smaller."""
+    is made mask-exact; without (a sliced model, say) the adapters are peft's own."""
     from peft import get_peft_model
 
-    require(masks is None or masks.violations(model) == 0,
-            "finetune: the base model has nonzero weights where the masks prune")
-    peft_model = get_peft_model(model, lora_config(model_args, model))
+    require(
+        masks is None or masks.violations(model) == 0,
+        "finetune: the base model has nonzero weights where the masks prune",
+    )
+    peft_model = get_peft_model(model, lora_config(model_args, model, default_targets))
     if masks is not None:
         attach_masks(peft_model, masks)
     return peft_model
@@ -75,8 +81,9 @@ def masked_lora_model(model: nn.Module, masks: MaskSet | None, model_args) -> nn
 def training_dataset(tokenizer, ft_args: FinetuneArguments, seqlen: int):
     from datasets import Dataset
 
-    windows = load_training_windows(tokenizer, ft_args.train_data, seqlen, ft_args.train_split,
-                                    ft_args.train_max_windows or None)
+    windows = load_training_windows(
+        tokenizer, ft_args.train_data, seqlen, ft_args.train_split, ft_args.train_max_windows or None
+    )
     return Dataset.from_dict({"input_ids": windows.tolist()})
 
 
@@ -92,8 +99,15 @@ class TrainResult:
 def last_checkpoint(directory: Path) -> str | None:
     """The newest *complete* ``checkpoint-N`` in ``directory``: the trainer writes ``trainer_state.json`` last,
     so a checkpoint cut short by a kill lacks it (or holds it half-written) and is skipped."""
-    candidates = sorted((int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*")
-                        if p.is_dir() and p.name.split("-")[1].isdigit()) if directory.is_dir() else []
+    candidates = (
+        sorted(
+            (int(p.name.split("-")[1]), p)
+            for p in directory.glob("checkpoint-*")
+            if p.is_dir() and p.name.split("-")[1].isdigit()
+        )
+        if directory.is_dir()
+        else []
+    )
     for _, path in reversed(candidates):
         try:
             json.loads((path / "trainer_state.json").read_text())
@@ -122,8 +136,13 @@ def train(peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args
         raise DlpError(f"finetune: {str(exc).splitlines()[0]}")
     seconds = time.perf_counter() - start
     state = trainer.state
-    tokens = state.global_step * sft_args.max_length * sft_args.per_device_train_batch_size \
-        * sft_args.gradient_accumulation_steps * trainer.accelerator.num_processes
-    return trainer, TrainResult(list(state.log_history), output.metrics.get("train_runtime", seconds),
-                                state.global_step, tokens, resume)
-
+    tokens = (
+        state.global_step
+        * sft_args.max_length
+        * sft_args.per_device_train_batch_size
+        * sft_args.gradient_accumulation_steps
+        * trainer.accelerator.num_processes
+    )
+    return trainer, TrainResult(
+        list(state.log_history), output.metrics.get("train_runtime", seconds), state.global_step, tokens, resume
+    )

@@ -21,7 +21,7 @@ Under DeepSpeed ZeRO-3 the layer reads its base and adapter weights outside thei
 wrapper's forward and backward, and the masks apply to the gathered (full) weights.
 
 A GPT-2 ``Conv1D`` stores its weight transposed, ``[in, out]``; peft wraps it with ``fan_in_fan_out=True``. The
-layer computes with the *logical* ``[out, in]`` weight (:func:`dlp.weights.logical_weight`), like the masks, and
+layer computes with the *logical* ``[out, in]`` weight (:func:`dlp.projections.logical_weight`), like the masks, and
 only :meth:`MaskedLoraMixin.get_delta_weight` (what peft's merge adds to the stored weight) hands the delta back in
 the storage orientation.
 
@@ -41,26 +41,10 @@ from torch import nn
 
 from .distributed import zero3_enabled
 from .errors import DlpError, require
-from .masks import MaskSet
-from .weights import is_quantized, is_transposed, logical_shape, logical_weight, to_storage
+from .masks import MaskSet, pack_bits, unpack_bits
+from .projections import is_quantized, is_transposed, logical_shape, logical_weight, to_storage
 
 PEFT_PREFIX = "base_model.model."
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool [out, in] → uint8 [out, ceil(in / 8)], most significant bit first (8× smaller on the device)."""
-    out_features, in_features = mask.shape
-    padded = F.pad(mask.to(torch.uint8), (0, (-in_features) % 8)).view(out_features, -1, 8)
-    return (padded << _BIT_SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
-
-
-def unpack_mask(bits: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The inverse of :func:`pack_mask`."""
-    unpacked = (bits.unsqueeze(-1) >> _BIT_SHIFTS.to(bits.device)) & 1
-    return unpacked.view(bits.shape[0], -1)[:, :in_features].bool()
-
-
-_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
 class _MaskedLoraLinear(torch.autograd.Function):
@@ -68,8 +52,9 @@ class _MaskedLoraLinear(torch.autograd.Function):
     in backward, so no weight-sized tensor is kept per Linear between forward and backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, layer: "MaskedLoraMixin",
-                adapter: str) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, layer: "MaskedLoraMixin", adapter: str
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.layer, ctx.adapter = layer, adapter
         return F.linear(x, layer.effective_weight([adapter], x.dtype, layer.keep_mask(x.device)), layer.base_bias())
@@ -93,14 +78,14 @@ class _MaskedLoraLinear(torch.autograd.Function):
 class MaskedLoraMixin:
     """Overrides of a peft LoRA layer that confine every adapter's delta to the layer's keep-mask."""
 
-    dlp_mask_bits: torch.Tensor  # uint8 [out, ceil(in/8)]: a plain attribute, so DDP never broadcasts it
-    dlp_in_features: int
+    dlp_mask_bits: torch.Tensor  # uint8, dlp.masks.pack_bits of the [out, in] mask: a plain attribute, so DDP
+    dlp_mask_shape: tuple[int, int]  # never broadcasts it
 
     def keep_mask(self, device: torch.device) -> torch.Tensor:
         """The bool keep-mask [out, in] (True = keep), unpacked on ``device`` for the duration of one use."""
         if self.dlp_mask_bits.device != device:
             self.dlp_mask_bits = self.dlp_mask_bits.to(device)
-        return unpack_mask(self.dlp_mask_bits, self.dlp_in_features)
+        return unpack_bits(self.dlp_mask_bits, self.dlp_mask_shape)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the layer computes in: the base weight's, or a 4-bit base's compute dtype."""
@@ -119,7 +104,9 @@ class MaskedLoraMixin:
         delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
         return (delta * (self.keep_mask(delta.device) if mask is None else mask)).to(dtype)
 
-    def effective_weight(self, adapters: list[str], dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def effective_weight(
+        self, adapters: list[str], dtype: torch.dtype, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``W + Σ s·(B·A) ⊙ M`` in ``dtype``, logical ``[out, in]`` (a Conv1D's stored weight read transposed);
         a 4-bit ``W`` is dequantized here, one Linear at a time."""
         weight = logical_weight(self.get_base_layer(), dtype)
@@ -148,7 +135,9 @@ class MaskedLoraMixin:
             adapter = adapters[0]
             result = _MaskedLoraLinear.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self, adapter)
         else:  # several adapters or dropout: plain autograd (keeps W_eff for backward)
-            result = F.linear(x, self.effective_weight([a for a in adapters if a not in dropped], dtype), self.base_bias())
+            result = F.linear(
+                x, self.effective_weight([a for a in adapters if a not in dropped], dtype), self.base_bias()
+            )
             for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
                 result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, dtype))
         return result.to(input_dtype)
@@ -173,7 +162,7 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            found[name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name] = module
+            found[name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name] = module
     return found
 
 
@@ -192,16 +181,22 @@ def attach_masks(model: nn.Module, masks: MaskSet) -> int:
         if name not in masks.masks:
             continue
         base = layer.get_base_layer()
-        require(bool(getattr(layer, "fan_in_fan_out", False)) == is_transposed(base),
-                f"lora: {name}: fan_in_fan_out must be {is_transposed(base)} for a {type(base).__name__} layer")
+        require(
+            bool(getattr(layer, "fan_in_fan_out", False)) == is_transposed(base),
+            f"lora: {name}: fan_in_fan_out must be {is_transposed(base)} for a {type(base).__name__} layer",
+        )
         mask, weight = masks.masks[name], base.weight
         if tuple(mask.shape) != logical_shape(base):
             raise DlpError(f"lora: mask for {name} has shape {tuple(mask.shape)}, the weight {logical_shape(base)}")
-        require(is_quantized(weight) or weight.dtype.is_floating_point,
-                f"lora: {name} has a {weight.dtype} base weight; mask-exact LoRA needs a floating-point or 4-bit base")
+        require(
+            is_quantized(weight) or weight.dtype.is_floating_point,
+            f"lora: {name} has a {weight.dtype} base weight; mask-exact LoRA needs a floating-point or 4-bit base",
+        )
+        # A class swap, not a peft LoraVariant: a variant's forward receives the base layer's result already
+        # computed (W·x), so the masked W_eff·x would run the weight-sized matmul twice; the subclass replaces it.
         layer.__class__ = masked_class(type(layer))
-        layer.dlp_mask_bits = pack_mask(mask.to(device=weight.device, dtype=torch.bool))
-        layer.dlp_in_features = mask.shape[1]
+        layer.dlp_mask_bits = pack_bits(mask.to(device=weight.device, dtype=torch.bool))
+        layer.dlp_mask_shape = tuple(mask.shape)
         if zero3:
             _register_external_weights(layer)
         converted += 1

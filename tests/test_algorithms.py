@@ -14,7 +14,7 @@ from dlp.allocate import balance, dlp_sparsities, explicit_sparsities, lr_sparsi
 from dlp.errors import DlpError
 from dlp.masks import MaskSet
 from dlp.modeling import prunable_linears
-from dlp.prune import Pattern, nm_keep_mask, parse_pattern, rowwise_keep_mask, sparsegpt_prune, wanda_scores
+from dlp.criteria import Pattern, nm_keep_mask, parse_pattern, rowwise_keep_mask, sparsegpt_prune, wanda_scores
 from dlp.stats import collect_input_stats
 
 approx = pytest.approx
@@ -123,8 +123,10 @@ def test_sparsegpt_compensates_better_than_magnitude():
 # --- masks ---------------------------------------------------------------------------------------------------
 def test_mask_file_round_trip_with_odd_shapes(tmp_path):
     gen = torch.Generator().manual_seed(1)
-    masks = MaskSet({"a.weight": torch.rand(3, 5, generator=gen) > 0.5, "b": torch.rand(7, 1, generator=gen) > 0.3},
-                    {"seed": 3, "layer_sparsities": [0.5]})
+    masks = MaskSet(
+        {"a.weight": torch.rand(3, 5, generator=gen) > 0.5, "b": torch.rand(7, 1, generator=gen) > 0.3},
+        {"seed": 3, "layer_sparsities": [0.5]},
+    )
     loaded = MaskSet.load(masks.save(tmp_path / "m.safetensors"))
     assert loaded.metadata == masks.metadata and loaded.digest() == masks.digest()
     assert all(torch.equal(loaded.masks[k], masks.masks[k]) for k in masks.masks)

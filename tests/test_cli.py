@@ -23,8 +23,15 @@ def test_prune_cli_end_to_end(tmp_path, tiny_args):
     out = tmp_path / "run"
     result = _run([*tiny_args, "--output_dir", str(out), "--sparsity", "0.6", "--dlp_statistic", "mean"])
     assert result.returncode == 0, result.stderr[-2000:]
-    for artifact in ("masks.safetensors", "report.json", "summary.md", "sparsity.png", "layer_scores.json",
-                     "model/config.json", "model/model.safetensors"):
+    for artifact in (
+        "masks.safetensors",
+        "report.json",
+        "summary.md",
+        "sparsity.png",
+        "layer_scores.json",
+        "model/config.json",
+        "model/model.safetensors",
+    ):
         assert (out / artifact).is_file(), artifact
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["sparsity"] == 0.6 and report["config"]["dlp_statistic"] == "mean"  # CLI beat YAML
@@ -53,26 +60,40 @@ def test_fast_mode_cli(tmp_path, tiny_args):
 def test_same_seed_bit_identical_masks_other_seed_differs(tmp_path, tiny_args):
     digests = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        result = _run([*tiny_args, "--output_dir", str(tmp_path / name), "--seed", seed, "--eval_dense", "false",
-                       "--save_model", "false"])
+        result = _run(
+            [
+                *tiny_args,
+                "--output_dir",
+                str(tmp_path / name),
+                "--seed",
+                seed,
+                "--eval_dense",
+                "false",
+                "--save_model",
+                "false",
+            ]
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         digests.append(json.loads((tmp_path / name / "report.json").read_text())["masks_digest"])
     assert digests[0] == digests[1] != digests[2]
 
 
-@pytest.mark.parametrize("override, message", [
-    (["--allocation", "best"], "allocation must be one of uniform, owl, dlp, lr, explicit (got 'best')"),
-    (["--pattern", "2:4"], "pattern 2:4 fixes every layer at 50% sparsity, so allocation must be uniform"),
-    (["--pattern", "2:4", "--allocation", "uniform"], "set sparsity: 0.5"),
-    (["--pattern", "4-8"], "pattern must be 'unstructured' or 'N:M'"),
-    (["--sparsity", "1.2"], "sparsity must be in [0, 1)"),
-    (["--criterion", "obs"], "criterion must be one of magnitude, wanda, sparsegpt"),
-    (["--criterion", "sparsegpt", "--prune_mode", "fast"], "prune_mode fast supports criterion wanda or magnitude"),
-    (["--prune_mode", "turbo"], "prune_mode must be one of sequential, fast, onepass"),
-    (["--calibration_data", "builtin:nothing"], "data source 'builtin:nothing' unknown"),
-    (["--model_name_or_path", "/nonexistent/dir.gguf"], "model: GGUF file not found"),
-    (["--allocation", "explicit", "--layer_sparsities", "0.5,0.6"], "layer_sparsities must list 3 values"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--allocation", "best"], "allocation must be one of uniform, owl, dlp, lr, explicit (got 'best')"),
+        (["--pattern", "2:4"], "pattern 2:4 fixes every layer at 50% sparsity, so allocation must be uniform"),
+        (["--pattern", "2:4", "--allocation", "uniform"], "set sparsity: 0.5"),
+        (["--pattern", "4-8"], "pattern must be 'unstructured' or 'N:M'"),
+        (["--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+        (["--criterion", "obs"], "criterion must be one of magnitude, wanda, sparsegpt"),
+        (["--criterion", "sparsegpt", "--prune_mode", "fast"], "prune_mode fast supports criterion magnitude, wanda"),
+        (["--prune_mode", "turbo"], "prune_mode must be one of sequential, fast, onepass"),
+        (["--calibration_data", "builtin:nothing"], "data source 'builtin:nothing' unknown"),
+        (["--model_name_or_path", "/nonexistent/dir.gguf"], "model: GGUF file not found"),
+        (["--allocation", "explicit", "--layer_sparsities", "0.5,0.6"], "layer_sparsities must list 3 values"),
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_args, override, message):
     result = _run([*tiny_args, "--output_dir", str(tmp_path / "bad"), *override])
     assert result.returncode == 2, result.stderr[-2000:]
@@ -94,20 +115,34 @@ def test_masks_tool_report_verify_and_mismatch(tmp_path, tiny_args, tiny_model_d
     masks = str(out / "masks.safetensors")
     report = subprocess.run([*tool, "report", "--masks", masks], capture_output=True, text=True)
     assert report.returncode == 0 and json.loads(report.stdout)["overall"] == pytest.approx(0.7, abs=0.01)
-    pruned = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(out / "model")], capture_output=True, text=True)
+    pruned = subprocess.run(
+        [*tool, "verify", "--masks", masks, "--model", str(out / "model")], capture_output=True, text=True
+    )
     assert pruned.returncode == 0 and pruned.stdout.startswith("0 masked weights")
-    dense = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(tiny_model_dir)], capture_output=True, text=True)
+    dense = subprocess.run(
+        [*tool, "verify", "--masks", masks, "--model", str(tiny_model_dir)], capture_output=True, text=True
+    )
     assert dense.returncode == 1  # the dense model does not obey the masks
     applied = tmp_path / "applied"
-    assert subprocess.run([*tool, "apply", "--masks", masks, "--model", str(tiny_model_dir), "--output_dir", str(applied)],
-                          capture_output=True, text=True).returncode == 0
+    assert (
+        subprocess.run(
+            [*tool, "apply", "--masks", masks, "--model", str(tiny_model_dir), "--output_dir", str(applied)],
+            capture_output=True,
+            text=True,
+        ).returncode
+        == 0
+    )
     assert subprocess.run([*tool, "verify", "--masks", masks, "--model", str(applied)]).returncode == 0
     from conftest import tiny_model
+
     other = tmp_path / "other"
     tiny_model("llama", layers=2).save_pretrained(other)  # masks name 3 layers
     from transformers import AutoTokenizer
+
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
-    mismatch = subprocess.run([*tool, "verify", "--masks", masks, "--model", str(other)], capture_output=True, text=True)
+    mismatch = subprocess.run(
+        [*tool, "verify", "--masks", masks, "--model", str(other)], capture_output=True, text=True
+    )
     last_line = mismatch.stderr.strip().splitlines()[-1]
     assert mismatch.returncode == 2
     assert last_line == "error: masks: the masks were made for decoder layers 3, --model has 2"

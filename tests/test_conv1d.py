@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from conftest import tiny_model, tiny_tokenizer
-from dlp.layerwise import PruneSpec, prune_linear, prune_model
+from dlp.criteria import PruneSpec, prune_linear
+from dlp.pruner import prune_model
 from dlp.lora import attach_masks, lora_layers
 from dlp.masks import MaskSet
 from dlp.merge import MERGE_TOLERANCE, merge_masked
 from dlp.modeling import find_decoder_layers, prunable_linears
-from dlp.prune import Pattern
+from dlp.criteria import Pattern
 from dlp.stats import collect_input_stats
-from dlp.weights import in_features, is_transposed, logical_shape, logical_weight, to_storage
+from dlp.projections import in_features, is_transposed, logical_shape, logical_weight, to_storage
 from test_lora import train_steps
 
 
@@ -111,8 +112,9 @@ def _lora(proj: nn.Module, keep: torch.Tensor, r: int = 2, lora_a=None, lora_b=N
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fan_in_fan_out.*")  # right setting: nothing to correct
-        net = get_peft_model(_One(proj), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
-                                                    fan_in_fan_out=is_transposed(proj)))
+        net = get_peft_model(
+            _One(proj), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], fan_in_fan_out=is_transposed(proj))
+        )
     layer = lora_layers(net)["proj"]
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(lora_a if lora_a is not None else torch.randn(r, keep.shape[1]))
@@ -196,7 +198,7 @@ def test_conv1d_masks_match_the_4bit_linear_that_replaces_it_and_dequantizing_re
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from dlp.merge import load_base
-    from dlp.weights import dense_weight
+    from dlp.projections import dense_weight
 
     model = tiny_model("gpt2")
     masks = prune_model(model, None, [0.7] * 3, PruneSpec("magnitude"))

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import tiny_model
 from dlp.errors import DlpError
-from dlp.lora import MaskedLoraMixin, attach_masks, lora_layers, masked_lora_layers, pack_mask, unpack_mask
+from dlp.lora import MaskedLoraMixin, attach_masks, lora_layers, masked_lora_layers
 from dlp.masks import MaskSet
 from dlp.merge import MERGE_TOLERANCE, merge_masked
 from dlp.modeling import prunable_linears
@@ -16,7 +16,7 @@ from dlp.modeling import prunable_linears
 
 def random_masks(model: nn.Module, keep: float = 0.3, seed: int = 0) -> MaskSet:
     g = torch.Generator().manual_seed(seed)
-    return MaskSet({n: torch.rand(l.weight.shape, generator=g) < keep for n, l in prunable_linears(model).items()})
+    return MaskSet({n: torch.rand(lin.weight.shape, generator=g) < keep for n, lin in prunable_linears(model).items()})
 
 
 def pruned_lora_model(masks_seed: int = 0, r: int = 4, dropout: float = 0.0, targets="all-linear"):
@@ -139,16 +139,6 @@ def test_backward_keeps_no_weight_sized_tensor():
     assert sorted(t.numel() for t in saved) == sorted([x.numel(), 4 * weight.shape[1], weight.shape[0] * 4])
     y.sum().backward()
     assert x.grad is not None and layer.lora_A["default"].weight.grad is not None
-
-
-def test_mask_bits_round_trip_and_hand_case():
-    assert pack_mask(torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)).tolist() == [[0b10110000, 0b10000000]]
-    g = torch.Generator().manual_seed(0)
-    for columns in (1, 7, 8, 13, 64):
-        mask = torch.rand(5, columns, generator=g) < 0.4
-        bits = pack_mask(mask)
-        assert bits.dtype == torch.uint8 and tuple(bits.shape) == (5, (columns + 7) // 8)
-        assert torch.equal(unpack_mask(bits, columns), mask)
 
 
 def test_dropout_path_masks_the_delta_and_eval_is_exact():

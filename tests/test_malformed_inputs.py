@@ -22,25 +22,58 @@ import torch
 from conftest import REPO, save_tiny_model, tiny_model
 
 DRIVER = str(REPO / "tests" / "malformed_driver.py")
-PRUNE, LORA, SLICE, MERGE, MASKS = (str(REPO / "train" / f"{name}.py")
-                                     for name in ("prune", "prune_lora", "slice", "merge", "masks"))
+PRUNE, LORA, SLICE, MERGE, MASKS = (
+    str(REPO / "train" / f"{name}.py") for name in ("prune", "prune_lora", "slice", "merge", "masks")
+)
 MAX_CASE_SECONDS = 60
 # what only a run that got past its checks prints on stdout (calibration, evaluation, training, saving)
-HEAVY_WORK_MARKERS = ("perplexity", "layer sparsities", "sliced widths", "trainable params", "masked model saved",
-                      "[dlp] merged", "'loss'", "train_runtime")
+HEAVY_WORK_MARKERS = (
+    "perplexity",
+    "layer sparsities",
+    "sliced widths",
+    "trainable params",
+    "masked model saved",
+    "[dlp] merged",
+    "'loss'",
+    "train_runtime",
+)
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval_seqlen", "16", "--eval_max_windows", "1", "--device", "cpu"]
 P = ["--model_name_or_path", "{llama}", *SMALL, "--output_dir", "{out}"]  # prune.py / slice.py, llama
 P_OPT = ["--model_name_or_path", "{opt}", *SMALL, "--output_dir", "{out}"]
-L = [*P, "--max_length", "16", "--max_steps", "1", "--train_max_windows", "2", "--per_device_train_batch_size", "1",
-     "--report_to", "none"]  # prune_lora.py
-L_OPT = [*P_OPT, "--max_length", "16", "--max_steps", "1", "--train_max_windows", "2",
-         "--per_device_train_batch_size", "1", "--report_to", "none"]
+L = [
+    *P,
+    "--max_length",
+    "16",
+    "--max_steps",
+    "1",
+    "--train_max_windows",
+    "2",
+    "--per_device_train_batch_size",
+    "1",
+    "--report_to",
+    "none",
+]  # prune_lora.py
+L_OPT = [
+    *P_OPT,
+    "--max_length",
+    "16",
+    "--max_steps",
+    "1",
+    "--train_max_windows",
+    "2",
+    "--per_device_train_batch_size",
+    "1",
+    "--report_to",
+    "none",
+]
 M = ["--base_dir", "{llama}", "--adapter_dir", "{adapter}", "--masks", "{masks3}", "--output_dir", "{out}"]  # merge.py
 
 # YAML recipes: small settings inside, the mistake on top ("{llama}" is filled in with the tiny model's path)
-SMALL_YAML = ("model_name_or_path: {llama}\nnsamples: 2\nseqlen: 16\neval_seqlen: 16\neval_max_windows: 1\n"
-              "device: cpu\nmax_length: 16\nmax_steps: 1\ntrain_max_windows: 2\n")
+SMALL_YAML = (
+    "model_name_or_path: {llama}\nnsamples: 2\nseqlen: 16\neval_seqlen: 16\neval_max_windows: 1\n"
+    "device: cpu\nmax_length: 16\nmax_steps: 1\ntrain_max_windows: 2\n"
+)
 RECIPES = {
     "yaml_bad": SMALL_YAML + "sparsity: [0.5\nallocation: dlp\n",
     "yaml_list": "- sparsity: 0.5\n- allocation: dlp\n",
@@ -58,14 +91,35 @@ PRUNE_RECIPE_DROP = ("max_length: 16\n", "max_steps: 1\n", "train_max_windows: 2
 CASES = [
     # --- train/prune.py: the recipe file
     (PRUNE, "yaml-syntax", ["--config", "{prune_yaml_bad}", "--output_dir", "{out}"], "is not valid YAML", "absent"),
-    (PRUNE, "yaml-list", ["--config", "{prune_yaml_list}", "--output_dir", "{out}"], "must be a YAML mapping", "absent"),
+    (
+        PRUNE,
+        "yaml-list",
+        ["--config", "{prune_yaml_list}", "--output_dir", "{out}"],
+        "must be a YAML mapping",
+        "absent",
+    ),
     (PRUNE, "yaml-unknown-key", ["--config", "{prune_yaml_unknown}", "--output_dir", "{out}"], "sparsty", "absent"),
-    (PRUNE, "yaml-nsamples-list", ["--config", "{prune_yaml_nsamples_list}", "--output_dir", "{out}"],
-     "nsamples takes a single value", "absent"),
-    (PRUNE, "yaml-nsamples-abc", ["--config", "{prune_yaml_nsamples_abc}", "--output_dir", "{out}"],
-     "invalid int value: 'abc'", "absent"),
-    (PRUNE, "yaml-sparsity-1.2", ["--config", "{prune_yaml_sparsity}", "--output_dir", "{out}"],
-     "sparsity must be in [0, 1) (got 1.2)", "absent"),
+    (
+        PRUNE,
+        "yaml-nsamples-list",
+        ["--config", "{prune_yaml_nsamples_list}", "--output_dir", "{out}"],
+        "nsamples takes a single value",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "yaml-nsamples-abc",
+        ["--config", "{prune_yaml_nsamples_abc}", "--output_dir", "{out}"],
+        "invalid int value: 'abc'",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "yaml-sparsity-1.2",
+        ["--config", "{prune_yaml_sparsity}", "--output_dir", "{out}"],
+        "sparsity must be in [0, 1) (got 1.2)",
+        "absent",
+    ),
     (PRUNE, "config-file-missing", ["--config", "{missing}/recipe.yaml", *P], "config: cannot read", "absent"),
     (PRUNE, "config-without-path", [*P, "--config"], "--config needs a recipe file", "absent"),
     # --- train/prune.py: values on the command line
@@ -73,27 +127,67 @@ CASES = [
     (PRUNE, "unknown-flag", [*P, "--bogus_flag", "1"], "--bogus_flag", "absent"),
     (PRUNE, "allocation-best", [*P, "--allocation", "best"], "allocation must be one of", "absent"),
     (PRUNE, "pattern-4-8", [*P, "--pattern", "4-8"], "pattern must be 'unstructured' or 'N:M'", "absent"),
-    (PRUNE, "pattern-2of4-allocation-dlp", [*P, "--pattern", "2:4", "--sparsity", "0.5"],
-     "allocation must be uniform", "absent"),
-    (PRUNE, "pattern-3of7-does-not-fit", [*P, "--pattern", "3:7", "--allocation", "uniform", "--sparsity",
-                                          repr(4 / 7)], "not a multiple of 7", "absent"),
-    (PRUNE, "explicit-out-of-range", [*P, "--allocation", "explicit", "--layer_sparsities", "1.5,0.2"],
-     "layer_sparsities: every value must be in", "absent"),
-    (PRUNE, "explicit-wrong-length", [*P, "--allocation", "explicit", "--layer_sparsities", "0.5,0.6"],
-     "layer_sparsities must list 3 values", "absent"),
-    (PRUNE, "explicit-without-list", [*P, "--allocation", "explicit"], "allocation=explicit needs layer_sparsities",
-     "absent"),
-    (PRUNE, "max-layer-sparsity-below-target", [*P, "--max_layer_sparsity", "0.5", "--sparsity", "0.7"],
-     "max_layer_sparsity (0.5) must be >= sparsity", "absent"),
+    (
+        PRUNE,
+        "pattern-2of4-allocation-dlp",
+        [*P, "--pattern", "2:4", "--sparsity", "0.5"],
+        "allocation must be uniform",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "pattern-3of7-does-not-fit",
+        [*P, "--pattern", "3:7", "--allocation", "uniform", "--sparsity", repr(4 / 7)],
+        "not a multiple of 7",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "explicit-out-of-range",
+        [*P, "--allocation", "explicit", "--layer_sparsities", "1.5,0.2"],
+        "layer_sparsities: every value must be in",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "explicit-wrong-length",
+        [*P, "--allocation", "explicit", "--layer_sparsities", "0.5,0.6"],
+        "layer_sparsities must list 3 values",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "explicit-without-list",
+        [*P, "--allocation", "explicit"],
+        "allocation=explicit needs layer_sparsities",
+        "absent",
+    ),
+    (
+        PRUNE,
+        "max-layer-sparsity-below-target",
+        [*P, "--max_layer_sparsity", "0.5", "--sparsity", "0.7"],
+        "max_layer_sparsity (0.5) must be >= sparsity",
+        "absent",
+    ),
     (PRUNE, "criterion-bogus", [*P, "--criterion", "bogus"], "criterion must be one of", "absent"),
-    (PRUNE, "fast-sparsegpt", [*P, "--prune_mode", "fast", "--criterion", "sparsegpt"], "prune_mode fast supports",
-     "absent"),
+    (
+        PRUNE,
+        "fast-sparsegpt",
+        [*P, "--prune_mode", "fast", "--criterion", "sparsegpt"],
+        "prune_mode fast supports",
+        "absent",
+    ),
     (PRUNE, "nsamples-0", [*P, "--nsamples", "0"], "nsamples must be >= 1", "absent"),
     # --- train/prune.py: the model
     (PRUNE, "model-dir-missing", [*P, "--model_name_or_path", "{missing}/model"], "no such directory", "absent"),
     (PRUNE, "model-truncated-gguf", [*P, "--model_name_or_path", "{gguf}"], "model: cannot read", "absent"),
-    (PRUNE, "model-gguf-missing", [*P, "--model_name_or_path", "{missing}/model.gguf"], "GGUF file not found",
-     "absent"),
+    (
+        PRUNE,
+        "model-gguf-missing",
+        [*P, "--model_name_or_path", "{missing}/model.gguf"],
+        "GGUF file not found",
+        "absent",
+    ),
     (PRUNE, "model-dir-without-config", [*P, "--model_name_or_path", "{noconfig}"], "holds no config.json", "absent"),
     (PRUNE, "opt-seqlen-5000", [*P_OPT, "--seqlen", "5000"], "error: seqlen must be <= 256", "absent"),
     (PRUNE, "opt-eval-seqlen-5000", [*P_OPT, "--eval_seqlen", "5000"], "eval_seqlen must be <= 256", "absent"),
@@ -101,68 +195,130 @@ CASES = [
     (PRUNE, "output-dir-is-file", P, "is a file, not a directory", "file"),
     (PRUNE, "output-dir-under-file", P, "is a file, so", "under_file"),
     (PRUNE, "output-dir-foreign", P, "is not empty and was not written by dlp", "foreign"),
-    (PRUNE, "output-dir-foreign-overwrite", [*P, "--overwrite", "true"], "is not empty and was not written by dlp",
-     "foreign"),
+    (
+        PRUNE,
+        "output-dir-foreign-overwrite",
+        [*P, "--overwrite", "true"],
+        "is not empty and was not written by dlp",
+        "foreign",
+    ),
     # --- train/prune.py: data and device
-    (PRUNE, "calibration-builtin-unknown", [*P, "--calibration_data", "builtin:nothing"],
-     "calibration_data: data source 'builtin:nothing' unknown", "absent"),
+    (
+        PRUNE,
+        "calibration-builtin-unknown",
+        [*P, "--calibration_data", "builtin:nothing"],
+        "calibration_data: data source 'builtin:nothing' unknown",
+        "absent",
+    ),
     (PRUNE, "calibration-binary-txt", [*P, "--calibration_data", "{binary}"], "is not UTF-8 text", "absent"),
-    (PRUNE, "calibration-is-directory", [*P, "--calibration_data", "{llama}"], "is a directory, not a text file",
-     "absent"),
-    (PRUNE, "calibration-wrong-suffix", [*P, "--calibration_data", "{wrong_suffix}"], "must end in .jsonl",
-     "absent"),
+    (
+        PRUNE,
+        "calibration-is-directory",
+        [*P, "--calibration_data", "{llama}"],
+        "is a directory, not a text file",
+        "absent",
+    ),
+    (PRUNE, "calibration-wrong-suffix", [*P, "--calibration_data", "{wrong_suffix}"], "must end in .jsonl", "absent"),
     (PRUNE, "eval-builtin-unknown", [*P, "--eval_data", "builtin:nothing"], "eval_data: data source", "absent"),
     (PRUNE, "device-cuda", [*P, "--device", "cuda:0"], "CUDA is not available", "absent"),
     (PRUNE, "device-bogus", [*P, "--device", "tpu9"], "device must be auto, cpu, cuda", "absent"),
     # --- train/prune_lora.py
     (LORA, "yaml-syntax", ["--config", "{lora_yaml_bad}", "--output_dir", "{out}"], "is not valid YAML", "absent"),
-    (LORA, "yaml-sparsity-1.2", ["--config", "{lora_yaml_sparsity}", "--output_dir", "{out}"],
-     "sparsity must be in [0, 1) (got 1.2)", "absent"),
+    (
+        LORA,
+        "yaml-sparsity-1.2",
+        ["--config", "{lora_yaml_sparsity}", "--output_dir", "{out}"],
+        "sparsity must be in [0, 1) (got 1.2)",
+        "absent",
+    ),
     (LORA, "lora-r-0", [*L, "--lora_r", "0"], "lora_r must be >= 1", "absent"),
     (LORA, "lora-dropout-1", [*L, "--lora_dropout", "1.0"], "lora_dropout must be in [0, 1)", "absent"),
     (LORA, "use-dora", [*L, "--use_dora", "true"], "use_dora must be false", "absent"),
     (LORA, "load-in-8bit", [*L, "--load_in_8bit", "true"], "load_in_8bit is not supported", "absent"),
-    (LORA, "merge-base-dequantized-without-4bit", [*L, "--merge_base", "dequantized"],
-     "merge_base dequantized needs load_in_4bit", "absent"),
+    (
+        LORA,
+        "merge-base-dequantized-without-4bit",
+        [*L, "--merge_base", "dequantized"],
+        "merge_base dequantized needs load_in_4bit",
+        "absent",
+    ),
     (LORA, "merge-base-bogus", [*L, "--merge_base", "bogus"], "merge_base must be one of", "absent"),
     (LORA, "method-bogus", [*L, "--method", "bogus"], "method must be one of", "absent"),
     (LORA, "max-length-1", [*L, "--max_length", "1"], "max_length must be >= 2", "absent"),
-    (LORA, "train-data-is-eval-data", [*L, "--train_data", "builtin:wikitext2-test"],
-     "train_data must not be the evaluation text", "absent"),
-    (LORA, "train-data-builtin-unknown", [*L, "--train_data", "builtin:nothing"], "train_data: data source",
-     "absent"),
-    (LORA, "slice-with-4bit", [*L, "--method", "slice", "--load_in_4bit", "true"],
-     "load_in_4bit is supported with method prune only", "absent"),
+    (
+        LORA,
+        "train-data-is-eval-data",
+        [*L, "--train_data", "builtin:wikitext2-test"],
+        "train_data must not be the evaluation text",
+        "absent",
+    ),
+    (LORA, "train-data-builtin-unknown", [*L, "--train_data", "builtin:nothing"], "train_data: data source", "absent"),
+    (
+        LORA,
+        "slice-with-4bit",
+        [*L, "--method", "slice", "--load_in_4bit", "true"],
+        "load_in_4bit is supported with method prune only",
+        "absent",
+    ),
     (LORA, "slice-opt", [*L_OPT, "--method", "slice"], "slicing supports model_type", "absent"),
     (LORA, "prune-dir-missing", [*L, "--prune_dir", "{missing}/prune"], "holds no masks.safetensors", "absent"),
     (LORA, "prune-dir-other-model", [*L, "--prune_dir", "{prune_dir_2layer}"], "decoder layers 2", "absent"),
     (LORA, "opt-max-length-5000", [*L_OPT, "--max_length", "5000"], "max_length must be <= 256", "absent"),
-    (LORA, "bnb-quant-type-bogus", [*L, "--load_in_4bit", "true", "--bnb_4bit_quant_type", "bogus"],
-     "bnb_4bit_quant_type", "absent"),
+    (
+        LORA,
+        "bnb-quant-type-bogus",
+        [*L, "--load_in_4bit", "true", "--bnb_4bit_quant_type", "bogus"],
+        "bnb_4bit_quant_type",
+        "absent",
+    ),
     (LORA, "device-cuda", [*L, "--device", "cuda:0"], "CUDA is not available", "absent"),
     (LORA, "output-dir-is-file", L, "is a file, not a directory", "file"),
     (LORA, "output-dir-foreign", L, "is not empty and was not written by dlp", "foreign"),
-    (LORA, "output-dir-foreign-overwrite", [*L, "--overwrite", "true"], "is not empty and was not written by dlp",
-     "foreign"),
+    (
+        LORA,
+        "output-dir-foreign-overwrite",
+        [*L, "--overwrite", "true"],
+        "is not empty and was not written by dlp",
+        "foreign",
+    ),
     # --- train/slice.py
     (SLICE, "slicing-1.5", [*P, "--slicing", "1.5"], "slicing must be in [0, 1)", "absent"),
-    (SLICE, "slicing-allocation-bogus", [*P, "--slicing_allocation", "bogus"], "slicing_allocation must be one of",
-     "absent"),
-    (SLICE, "spread-above-slicing", [*P, "--slicing", "0.1", "--slicing_spread", "0.2"],
-     "slicing_spread (0.2) must not exceed slicing", "absent"),
+    (
+        SLICE,
+        "slicing-allocation-bogus",
+        [*P, "--slicing_allocation", "bogus"],
+        "slicing_allocation must be one of",
+        "absent",
+    ),
+    (
+        SLICE,
+        "spread-above-slicing",
+        [*P, "--slicing", "0.1", "--slicing_spread", "0.2"],
+        "slicing_spread (0.2) must not exceed slicing",
+        "absent",
+    ),
     (SLICE, "opt-model", P_OPT, "slicing supports model_type", "absent"),
-    (SLICE, "model-dir-without-config", [*P, "--model_name_or_path", "{noconfig}"], "holds no config.json",
-     "absent"),
+    (SLICE, "model-dir-without-config", [*P, "--model_name_or_path", "{noconfig}"], "holds no config.json", "absent"),
     (SLICE, "device-cuda", [*P, "--device", "cuda:0"], "CUDA is not available", "absent"),
     (SLICE, "output-dir-is-file", P, "is a file, not a directory", "file"),
     (SLICE, "output-dir-foreign", P, "is not empty and was not written by dlp", "foreign"),
     # --- train/merge.py
     (MERGE, "missing-required-flags", [], "the following arguments are required", None),
     (MERGE, "base-dir-missing", [*M, "--base_dir", "{missing}/model"], "no such directory", "absent"),
-    (MERGE, "base-dir-missing-no-masks", ["--base_dir", "{missing}/model", "--adapter_dir", "{adapter}",
-                                          "--output_dir", "{out}"], "masks: file not found", "absent"),
-    (MERGE, "adapter-dir-missing", [*M, "--adapter_dir", "{missing}/adapter"], "adapter_dir: no adapter_config.json",
-     "absent"),
+    (
+        MERGE,
+        "base-dir-missing-no-masks",
+        ["--base_dir", "{missing}/model", "--adapter_dir", "{adapter}", "--output_dir", "{out}"],
+        "masks: file not found",
+        "absent",
+    ),
+    (
+        MERGE,
+        "adapter-dir-missing",
+        [*M, "--adapter_dir", "{missing}/adapter"],
+        "adapter_dir: no adapter_config.json",
+        "absent",
+    ),
     (MERGE, "merge-base-bogus", [*M, "--merge_base", "bogus"], "merge_base must be one of", "absent"),
     (MERGE, "dtype-bogus", [*M, "--dtype", "int8"], "dtype must be one of", "absent"),
     (MERGE, "masks-not-safetensors", [*M, "--masks", "{text}"], "is not a dlp mask file", "absent"),
@@ -174,16 +330,41 @@ CASES = [
     (MASKS, "masks-file-missing", ["report", "--masks", "{missing}/masks.safetensors"], "masks: file not found", None),
     (MASKS, "text-file-as-masks", ["report", "--masks", "{text}"], "is not a dlp mask file", None),
     (MASKS, "verify-without-model", ["verify", "--masks", "{masks3}"], "--model is required for verify", None),
-    (MASKS, "verify-3-layer-masks-on-2-layer-model", ["verify", "--masks", "{masks3}", "--model", "{llama2}"],
-     "decoder layers 3", None),
-    (MASKS, "apply-without-output-dir", ["apply", "--masks", "{masks3}", "--model", "{llama}"],
-     "--output_dir is required for apply", None),
-    (MASKS, "apply-2-layer-masks-on-3-layer-model", ["apply", "--masks", "{masks2}", "--model", "{llama}",
-                                                     "--output_dir", "{out}"], "decoder layers 2", "absent"),
-    (MASKS, "apply-output-dir-foreign", ["apply", "--masks", "{masks3}", "--model", "{llama}", "--output_dir",
-                                         "{out}"], "is not empty and was not written by dlp", "foreign"),
-    (MASKS, "apply-output-dir-is-file", ["apply", "--masks", "{masks3}", "--model", "{llama}", "--output_dir",
-                                         "{out}"], "is a file, not a directory", "file"),
+    (
+        MASKS,
+        "verify-3-layer-masks-on-2-layer-model",
+        ["verify", "--masks", "{masks3}", "--model", "{llama2}"],
+        "decoder layers 3",
+        None,
+    ),
+    (
+        MASKS,
+        "apply-without-output-dir",
+        ["apply", "--masks", "{masks3}", "--model", "{llama}"],
+        "--output_dir is required for apply",
+        None,
+    ),
+    (
+        MASKS,
+        "apply-2-layer-masks-on-3-layer-model",
+        ["apply", "--masks", "{masks2}", "--model", "{llama}", "--output_dir", "{out}"],
+        "decoder layers 2",
+        "absent",
+    ),
+    (
+        MASKS,
+        "apply-output-dir-foreign",
+        ["apply", "--masks", "{masks3}", "--model", "{llama}", "--output_dir", "{out}"],
+        "is not empty and was not written by dlp",
+        "foreign",
+    ),
+    (
+        MASKS,
+        "apply-output-dir-is-file",
+        ["apply", "--masks", "{masks3}", "--model", "{llama}", "--output_dir", "{out}"],
+        "is a file, not a directory",
+        "file",
+    ),
     (MASKS, "bogus-flag", ["report", "--masks", "{masks3}", "--bogus"], "unrecognized arguments: --bogus", None),
 ]
 CASE_IDS = [f"{Path(script).stem}-{mistake}" for script, mistake, *_ in CASES]
@@ -194,19 +375,24 @@ USER_FILE = "notes.txt"  # the user's file inside every "foreign" output_dir
 def _mask_file(path: Path, layers: int) -> Path:
     from dlp.masks import MaskSet, model_fingerprint
     from dlp.modeling import prunable_linears
-    from dlp.weights import logical_shape
+    from dlp.projections import logical_shape
 
     model = tiny_model("llama", layers=layers)
     gen = torch.Generator().manual_seed(layers)
-    masks = {name: torch.rand(logical_shape(module), generator=gen) > 0.5
-             for name, module in prunable_linears(model).items()}
+    masks = {
+        name: torch.rand(logical_shape(module), generator=gen) > 0.5 for name, module in prunable_linears(model).items()
+    }
     return MaskSet(masks, {"model": f"tiny-llama-{layers}", "fingerprint": model_fingerprint(model)}).save(path)
 
 
 def _inputs(root: Path, llama: Path) -> dict[str, str]:
     """Every input file the cases name (the mistakes among them included)."""
-    paths = {"llama": llama, "opt": save_tiny_model(root / "tiny-opt", "opt"),
-             "llama2": save_tiny_model(root / "tiny-llama-2", "llama", layers=2), "missing": root / "does-not-exist"}
+    paths = {
+        "llama": llama,
+        "opt": save_tiny_model(root / "tiny-opt", "opt"),
+        "llama2": save_tiny_model(root / "tiny-llama-2", "llama", layers=2),
+        "missing": root / "does-not-exist",
+    }
     paths["masks3"] = _mask_file(root / "masks-3-layer.safetensors", 3)
     paths["masks2"] = _mask_file(root / "masks-2-layer.safetensors", 2)
     (root / "prune-2-layer").mkdir()  # a "finished prune run" whose masks belong to another model
@@ -267,8 +453,7 @@ def snapshot(path: Path) -> list | None:
     for item in [path, *sorted(path.rglob("*"))] if path.is_dir() and not path.is_symlink() else [path]:
         info = item.lstat()
         digest = hashlib.sha256(item.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
-        entries.append((str(item.relative_to(path)), stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns,
-                        digest))
+        entries.append((str(item.relative_to(path)), stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, digest))
     return entries
 
 
@@ -282,14 +467,26 @@ def results(tmp_path_factory, tiny_model_dir):
         case_dir = root / "cases" / case_id
         (case_dir / "cwd").mkdir(parents=True)
         out, watched = _make_output(case_dir, kind)
-        cases.append({"id": case_id, "script": script, "argv": [a.format(out=out, **inputs) for a in argv],
-                      "cwd": str(case_dir / "cwd")})
+        cases.append(
+            {
+                "id": case_id,
+                "script": script,
+                "argv": [a.format(out=out, **inputs) for a in argv],
+                "cwd": str(case_dir / "cwd"),
+            }
+        )
         prepared[case_id] = {path: snapshot(path) for path in watched}
     (root / "cases.json").write_text(json.dumps(cases, indent=1))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DLP_CACHE": str(root / "cache")}
     env.pop("RANK", None)
-    done = subprocess.run([sys.executable, DRIVER, str(root / "cases.json"), str(root / "results.json")], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, DRIVER, str(root / "cases.json"), str(root / "results.json")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads((root / "results.json").read_text())
     return {case_id: (found[case_id], prepared[case_id]) for case_id in CASE_IDS}

@@ -25,25 +25,41 @@ def tiny_llama(seed: int = 0, layers: int = 2, intermediate_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return LlamaForCausalLM(config).eval()
 
 
-LLAMA_SHAPES = {"self_attn.q_proj": (16, 16), "self_attn.k_proj": (8, 16), "self_attn.v_proj": (8, 16),
-                "self_attn.o_proj": (16, 16), "mlp.gate_proj": (32, 16), "mlp.up_proj": (32, 16),
-                "mlp.down_proj": (16, 32)}
+LLAMA_SHAPES = {
+    "self_attn.q_proj": (16, 16),
+    "self_attn.k_proj": (8, 16),
+    "self_attn.v_proj": (8, 16),
+    "self_attn.o_proj": (16, 16),
+    "mlp.gate_proj": (32, 16),
+    "mlp.up_proj": (32, 16),
+    "mlp.down_proj": (16, 32),
+}
 
 
 # --- MaskSet: files ------------------------------------------------------------------------------------------------
 def _odd_masks() -> MaskSet:
     gen = torch.Generator().manual_seed(1)
-    return MaskSet({"a.weight": torch.rand(3, 5, generator=gen) > 0.5,  # 15 bits: 1 padding bit
-                    "b": torch.rand(7, 1, generator=gen) > 0.3,  # 7 bits: 1 byte, 1 padding bit
-                    "c": torch.rand(8, 8, generator=gen) > 0.5,  # 64 bits: no padding
-                    "d": torch.tensor([[True]]),
-                    "e": torch.rand(7, 9, generator=gen) > 0.7},  # 63 bits
-                   {"seed": 3, "layer_sparsities": [0.5, 0.25], "model": "tiny", "nested": {"k": [1, 2]}})
+    return MaskSet(
+        {
+            "a.weight": torch.rand(3, 5, generator=gen) > 0.5,  # 15 bits: 1 padding bit
+            "b": torch.rand(7, 1, generator=gen) > 0.3,  # 7 bits: 1 byte, 1 padding bit
+            "c": torch.rand(8, 8, generator=gen) > 0.5,  # 64 bits: no padding
+            "d": torch.tensor([[True]]),
+            "e": torch.rand(7, 9, generator=gen) > 0.7,
+        },  # 63 bits
+        {"seed": 3, "layer_sparsities": [0.5, 0.25], "model": "tiny", "nested": {"k": [1, 2]}},
+    )
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
@@ -136,8 +152,12 @@ def test_load_detects_corrupted_bits(tmp_path):
 
 
 def test_sparsity_report_hand_case():
-    masks = MaskSet({"a": torch.tensor([[T, F, F, F, F], [F, T, F, F, F], [T, F, F, F, T]]),  # 4 of 15 kept
-                     "b": torch.tensor([[T, F], [F, T]])})  # 2 of 4 kept
+    masks = MaskSet(
+        {
+            "a": torch.tensor([[T, F, F, F, F], [F, T, F, F, F], [T, F, F, F, T]]),  # 4 of 15 kept
+            "b": torch.tensor([[T, F], [F, T]]),
+        }
+    )  # 2 of 4 kept
     report = masks.sparsity_report()
     assert report["weights"] == 19
     assert report["overall"] == pytest.approx(13 / 19)  # 1 - 6/19
@@ -147,14 +167,16 @@ def test_sparsity_report_hand_case():
 # --- MaskSet: models ------------------------------------------------------------------------------------------------
 def _llama_masks(model: nn.Module, seed: int = 0) -> MaskSet:
     gen = torch.Generator().manual_seed(seed)
-    return MaskSet({name: torch.rand(lin.weight.shape, generator=gen) > 0.5
-                    for name, lin in prunable_linears(model).items()}, {"model": "tiny-llama"})
+    return MaskSet(
+        {name: torch.rand(lin.weight.shape, generator=gen) > 0.5 for name, lin in prunable_linears(model).items()},
+        {"model": "tiny-llama"},
+    )
 
 
 def test_tiny_llama_prunable_linears_are_the_expected_ones():
     model = tiny_llama()
     expected = {f"model.layers.{i}.{name}": shape for i in range(2) for name, shape in LLAMA_SHAPES.items()}
-    assert {n: tuple(l.weight.shape) for n, l in prunable_linears(model).items()} == expected
+    assert {n: tuple(lin.weight.shape) for n, lin in prunable_linears(model).items()} == expected
 
 
 def test_apply_zeroes_masked_weights_and_violations_count_them():
@@ -168,7 +190,7 @@ def test_apply_zeroes_masked_weights_and_violations_count_them():
         assert masks.violations(model) == 3
         q.weight[0, 1] = 0.0  # a masked weight that is already zero is no violation
         assert masks.violations(model) == 2
-    before = {n: l.weight.detach().clone() for n, l in linears.items()}
+    before = {n: lin.weight.detach().clone() for n, lin in linears.items()}
     masks.apply(model)
     assert masks.violations(model) == 0
     assert q.weight[0, :3].tolist() == [0.0, 0.0, 0.0]
@@ -181,7 +203,7 @@ def test_apply_zeroes_masked_weights_and_violations_count_them():
 def test_apply_random_masks_on_tiny_llama():
     model = tiny_llama()
     masks = _llama_masks(model)
-    expected = sum(int((l.weight[~masks.masks[n]] != 0).sum()) for n, l in prunable_linears(model).items())
+    expected = sum(int((lin.weight[~masks.masks[n]] != 0).sum()) for n, lin in prunable_linears(model).items())
     assert masks.violations(model) == expected > 0
     masks.apply(model)
     assert masks.violations(model) == 0
@@ -221,14 +243,14 @@ def test_check_matches_other_shapes_is_a_user_error():
     with pytest.raises(DlpError, match=r"has shape \(32, 16\) in the model but \(48, 16\)"):
         masks.check_matches(tiny_llama(intermediate_size=32))
     model = tiny_llama()
-    before = {n: l.weight.detach().clone() for n, l in prunable_linears(model).items()}
+    before = {n: lin.weight.detach().clone() for n, lin in prunable_linears(model).items()}
     with pytest.raises(DlpError, match="has shape"):
         masks.apply(model)
     # the check happens before any weight is touched
-    assert all(torch.equal(l.weight, before[n]) for n, l in prunable_linears(model).items())
+    assert all(torch.equal(lin.weight, before[n]) for n, lin in prunable_linears(model).items())
 
 
-# --- stats -------------------------------------------------------------------------------------------------------------
+# --- stats ------------------------------------------------------------------------------------------------------------
 class _TwoInputs(nn.Module):
     """``a`` and ``b`` read the same tensor ``x``; ``c`` reads ``y``."""
 
@@ -345,7 +367,7 @@ def test_stats_hook_with_a_shared_reducer_counts_hits():
     assert stats["c"].tokens == 9 and stats["c"].sq_sum.tolist() == [30.0, 15.0, 6.0]
 
 
-# --- data: windows --------------------------------------------------------------------------------------------------
+# --- data: windows ----------------------------------------------------------------------------------------------------
 def test_sample_windows_hand_case_single_possible_start():
     # 5 tokens, windows of 4: the only start is 0
     out = sample_windows(torch.arange(5), 3, 4, seed=123)
@@ -389,7 +411,7 @@ def test_consecutive_windows_hand_case():
         consecutive_windows(stream, 11, None)
 
 
-# --- data: sources -----------------------------------------------------------------------------------------------------
+# --- data: sources ----------------------------------------------------------------------------------------------------
 def test_read_text_txt_file_is_taken_as_it_is(tmp_path):
     (tmp_path / "a.txt").write_bytes(b" = Title = \n\nFirst line .\r\nSecond line .\n \n")
     assert read_text(str(tmp_path / "a.txt")) == " = Title = \n\nFirst line .\nSecond line .\n \n"
@@ -407,8 +429,9 @@ def test_read_text_other_suffix_is_a_user_error(tmp_path):
 
 def test_read_text_jsonl_rows_joined_with_blank_lines(tmp_path):
     rows = [{"text": "first doc", "id": 1}, {"text": "second\nline"}, {"text": ""}, {"text": 7}]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n"
-                                      + "\n".join(json.dumps(r) for r in rows[2:]) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]) + "\n"
+    )
     assert read_text(str(tmp_path / "d.jsonl")) == "first doc\n\nsecond\nline\n\n\n\n7"
     (tmp_path / "e.jsonl").write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"body": "y"}) + "\n")
     assert read_text(str(tmp_path / "e.jsonl"), text_field="body") == "x\n\ny"
@@ -439,3 +462,21 @@ def test_builtin_wikitext2_valid():
     text = read_text("builtin:wikitext2-valid")
     assert text.startswith(" \n = Homarus gammarus = \n \n Homarus gammarus , known as the European lobster")
     assert "<unk>" in text and len(text.splitlines()) == 3760
+
+
+def test_mask_bits_one_layout_hand_cases_and_numpy_packbits():
+    """One bit layout for the file, the digest and mask-exact LoRA: row-major, MSB first, zero-padded at the end."""
+
+    from dlp.masks import pack_bits, unpack_bits
+
+    assert pack_bits(torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)).tolist() == [0b10110000, 0b10000000]
+    assert pack_bits(torch.tensor([[1, 0, 1], [1, 0, 0]], dtype=torch.bool)).tolist() == [
+        0b10110000
+    ]  # flat, not per row
+    g = torch.Generator().manual_seed(0)
+    for shape in ((5, 1), (5, 7), (3, 8), (4, 13), (2, 64)):
+        mask = torch.rand(*shape, generator=g) < 0.4
+        bits = pack_bits(mask)
+        assert bits.dtype == torch.uint8 and bits.numel() == (mask.numel() + 7) // 8
+        assert bits.numpy().tobytes() == np.packbits(mask.numpy().astype(np.uint8)).tobytes()  # the files' layout
+        assert torch.equal(unpack_bits(bits, shape), mask)

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from dlp.errors import DlpError
-from dlp.prune import (Pattern, check_sparsity, keep_mask, magnitude_scores, nm_keep_mask, parse_pattern,
-                       rowwise_keep_mask, sparsegpt_prune, wanda_scores)
+from dlp.criteria import (
+    Pattern,
+    check_sparsity,
+    keep_mask,
+    magnitude_scores,
+    nm_keep_mask,
+    parse_pattern,
+    rowwise_keep_mask,
+    sparsegpt_prune,
+    wanda_scores,
+)
 
 T, F = True, False
 
@@ -25,8 +34,9 @@ def test_parse_pattern_valid():
     assert parse_pattern("1:4").sparsity == 0.75
 
 
-@pytest.mark.parametrize("bad", ["4:2", "2-4", "a:b", "0:4", "4:4", "2:", ":4", "", "2:4:8", "-2:4", "2.0:4",
-                                 "Unstructured", " 2:4"])
+@pytest.mark.parametrize(
+    "bad", ["4:2", "2-4", "a:b", "0:4", "4:4", "2:", ":4", "", "2:4:8", "-2:4", "2.0:4", "Unstructured", " 2:4"]
+)
 def test_parse_pattern_rejects_bad_strings(bad):
     with pytest.raises(DlpError, match="pattern must be"):
         parse_pattern(bad)
@@ -97,10 +107,8 @@ def test_rowwise_keep_mask_gives_the_remainder_to_the_rows_with_the_lowest_next_
 
 # --- nm_keep_mask -------------------------------------------------------------------------------------------------
 def test_nm_keep_mask_2_4_hand_case():
-    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0, 6.0, 1.0],
-                           [1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0, 6.0]])
-    assert nm_keep_mask(scores, Pattern(2, 4)).tolist() == [[T, F, T, F, F, T, T, F],
-                                                            [F, F, T, T, T, T, F, F]]
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0, 6.0, 1.0], [1.0, 2.0, 3.0, 4.0, 9.0, 8.0, 7.0, 6.0]])
+    assert nm_keep_mask(scores, Pattern(2, 4)).tolist() == [[T, F, T, F, F, T, T, F], [F, F, T, T, T, T, F, F]]
 
 
 def test_nm_keep_mask_4_8_hand_case():
@@ -221,7 +229,7 @@ def test_sparsegpt_random_exact_sparsity_and_better_reconstruction(blocksize):
     assert keep.shape == weight.shape and keep.dtype == torch.bool and new.dtype == weight.dtype
     assert int((~keep).sum()) == 64  # 8·16·0.5
     for i1 in range(0, 16, blocksize):  # every block hits the sparsity exactly too
-        assert int((~keep[:, i1:i1 + blocksize]).sum()) == 8 * blocksize // 2
+        assert int((~keep[:, i1 : i1 + blocksize]).sum()) == 8 * blocksize // 2
     assert bool((new[~keep] == 0).all())
     assert bool((new[keep] != 0).all())
     error = (x @ (weight - new).T).norm()

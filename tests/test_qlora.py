@@ -15,7 +15,7 @@ from dlp.errors import DlpError
 from dlp.lora import attach_masks, masked_lora_layers
 from dlp.masks import MaskSet
 from dlp.merge import MERGE_TOLERANCE, QUANTIZATION_FILE, export_quantized, load_adapter_model, merge_masked
-from dlp.weights import dense_weight, is_quantized
+from dlp.projections import dense_weight, is_quantized
 from test_lora import random_masks, train_steps
 from test_prune_lora import ENV, SCRIPT, merged_weights, write_recipe
 
@@ -25,8 +25,12 @@ pytest.importorskip("bitsandbytes")
 def nf4_config():
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
 
 
 @pytest.fixture
@@ -105,10 +109,22 @@ def test_qlora_trains_and_both_merges_keep_zeros(pruned_base, tmp_path):
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("qlora")
-    recipe = write_recipe(out / "recipe.yaml", tiny_model_dir, max_steps=10, load_in_4bit=True,
-                          use_bnb_nested_quant=True, export_4bit=True)
-    result = subprocess.run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out / "run")],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    recipe = write_recipe(
+        out / "recipe.yaml",
+        tiny_model_dir,
+        max_steps=10,
+        load_in_4bit=True,
+        use_bnb_nested_quant=True,
+        export_4bit=True,
+    )
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out / "run")],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "run"
 
@@ -128,9 +144,18 @@ def test_qlora_pipeline_exports_exact_zeros_in_16_and_4_bit(qlora_run):
 
 
 def test_merge_script_dequantized_mode_reproduces_the_trained_model(qlora_run, tmp_path):
-    merge = [sys.executable, str(REPO / "train" / "merge.py"), "--base_dir", str(qlora_run / "prune" / "model"),
-             "--adapter_dir", str(qlora_run / "adapter"), "--merge_base", "dequantized",
-             "--output_dir", str(tmp_path / "merged")]
+    merge = [
+        sys.executable,
+        str(REPO / "train" / "merge.py"),
+        "--base_dir",
+        str(qlora_run / "prune" / "model"),
+        "--adapter_dir",
+        str(qlora_run / "adapter"),
+        "--merge_base",
+        "dequantized",
+        "--output_dir",
+        str(tmp_path / "merged"),
+    ]
     result = subprocess.run(merge, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "0 nonzero pruned weights" in result.stdout
@@ -138,8 +163,9 @@ def test_merge_script_dequantized_mode_reproduces_the_trained_model(qlora_run, t
     from transformers import AutoModelForCausalLM
 
     masks = MaskSet.load(qlora_run / "prune" / "masks.safetensors")
-    quantized = AutoModelForCausalLM.from_pretrained(qlora_run / "prune" / "model", quantization_config=nf4_config(),
-                                                     dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        qlora_run / "prune" / "model", quantization_config=nf4_config(), dtype=torch.float32
+    )
     trained = PeftModel.from_pretrained(quantized, str(qlora_run / "adapter"))
     attach_masks(trained, masks)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
@@ -150,19 +176,36 @@ def test_merge_script_dequantized_mode_reproduces_the_trained_model(qlora_run, t
     assert gap <= MERGE_TOLERANCE
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "bnb_4bit_quant_type must be one of nf4, fp4 (got 'int4')"),
-    ({"load_in_4bit": True, "dtype": "int8"}, "dtype (the 4-bit compute dtype) must be one of float32, bfloat16, float16"),
-    ({"load_in_8bit": True}, "load_in_8bit is not supported"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"load_in_4bit": True, "bnb_4bit_quant_type": "int4"},
+            "bnb_4bit_quant_type must be one of nf4, fp4 (got 'int4')",
+        ),
+        (
+            {"load_in_4bit": True, "dtype": "int8"},
+            "dtype (the 4-bit compute dtype) must be one of float32, bfloat16, float16",
+        ),
+        ({"load_in_8bit": True}, "load_in_8bit is not supported"),
+    ],
+)
 def test_quantization_fields_from_a_recipe_are_checked(fields, message):
     """Values from a YAML recipe bypass argparse's choices, so dlp checks them itself."""
     from types import SimpleNamespace
 
     from dlp.quantize import bnb_config
 
-    args = SimpleNamespace(**{"load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
-                              "use_bnb_nested_quant": False, "dtype": "float32", **fields})
+    args = SimpleNamespace(
+        **{
+            "load_in_4bit": False,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4",
+            "use_bnb_nested_quant": False,
+            "dtype": "float32",
+            **fields,
+        }
+    )
     with pytest.raises(DlpError, match=message.replace("(", r"\(").replace(")", r"\)")):
         bnb_config(args)
     assert bnb_config(SimpleNamespace(**{**vars(args), **{"load_in_4bit": False, "load_in_8bit": False}})) is None
@@ -173,7 +216,7 @@ def _quantized_linear(out_features: int, in_features: int):
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    weight = torch.randn(out_features, in_features) / in_features ** 0.5
+    weight = torch.randn(out_features, in_features) / in_features**0.5
     weight[:, ::3] = 0
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")._quantize("cpu")
@@ -189,8 +232,9 @@ def test_dense_weight_reads_a_weight_bitsandbytes_repacked_for_the_cpu_kernel():
 
     layer, _ = _quantized_linear(64, 128)
     canonical = dense_weight(layer.weight)
-    packed_data, packed_state = bnb_functional._convert_weight_packed_for_cpu(layer.weight.data.clone(),
-                                                                             copy.copy(layer.weight.quant_state))
+    packed_data, packed_state = bnb_functional._convert_weight_packed_for_cpu(
+        layer.weight.data.clone(), copy.copy(layer.weight.quant_state)
+    )
     layer.weight.data, layer.weight.quant_state = packed_data, packed_state
     assert layer.weight.quant_state.packing_format_for_cpu
     repacked = dense_weight(layer.weight)

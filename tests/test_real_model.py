@@ -8,10 +8,11 @@ import torch
 from conftest import SHARED_DATA, requires_demo_model
 from dlp.data import load_calibration
 from dlp.evaluate import perplexity
-from dlp.layerwise import PruneSpec, layer_param_counts, prune_model, score_layers
+from dlp.criteria import PruneSpec
+from dlp.pruner import layer_param_counts, prune_model, score_layers
 from dlp.masks import MaskSet
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer
-from dlp.run_prune import compute_sparsities
+from dlp.allocate import compute_sparsities
 from dlp.config import PruneArguments
 
 pytestmark = [pytest.mark.real_model, requires_demo_model]
@@ -38,11 +39,10 @@ def test_dlp_wanda_70_on_smollm2(smollm2, tmp_path):
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         calib = load_calibration(tokenizer, CALIB, nsamples=4, seqlen=256, seed=0)
-        stats = {}
-        scores = score_layers(model, calib.input_ids, keep_stats=stats)
-        sparsities = compute_sparsities(PruneArguments(), scores, layer_param_counts(model))
+        scoring = score_layers(model, calib.input_ids, keep_stats=True)
+        sparsities = compute_sparsities(PruneArguments(), scoring.layers, layer_param_counts(model))
         assert sparsities[0] < 0.7 < sparsities[-1]  # SmolLM2: DLP prunes the last layers most
-        masks = prune_model(model, calib.input_ids, sparsities, PruneSpec("wanda"), mode="fast", stats=stats)
+        masks = prune_model(model, calib.input_ids, sparsities, PruneSpec("wanda"), mode="fast", stats=scoring.stats)
         assert abs(masks.sparsity_report()["overall"] - 0.7) < 0.001  # within 0.1 point of the target
         assert MaskSet.load(masks.save(tmp_path / "m.safetensors")).digest() == masks.digest()
         assert masks.violations(model) == 0
@@ -60,16 +60,27 @@ def test_mask_exact_lora_on_smollm2_merges_exactly_and_plain_merge_does_not(smol
     from dlp.lora import attach_masks
     from dlp.merge import merge_masked
     from dlp.modeling import prunable_linears
-    from dlp.prune import keep_mask, magnitude_scores, parse_pattern
+    from dlp.criteria import keep_mask, magnitude_scores, parse_pattern
 
     model, tokenizer = smollm2
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        masks = MaskSet({n: keep_mask(magnitude_scores(l.weight), 0.7, parse_pattern("unstructured"))
-                         for n, l in prunable_linears(model).items()})
+        masks = MaskSet(
+            {
+                n: keep_mask(magnitude_scores(lin.weight), 0.7, parse_pattern("unstructured"))
+                for n, lin in prunable_linears(model).items()
+            }
+        )
         masks.apply(model)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        )
         assert attach_masks(peft_model, masks) == 30 * 7
         ids = load_training_windows(tokenizer, CALIB, 64, max_windows=4)
         optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, tiny_config, tiny_model
-from dlp.layerwise import PruneSpec, prune_model, score_layers
+from dlp.criteria import PruneSpec
+from dlp.pruner import prune_model, score_layers
 from dlp.modeling import find_decoder_layers, find_linears
-from dlp.prune import Pattern
+from dlp.criteria import Pattern
 from dlp.sweep import capture_inputs, sweep
 
 
@@ -105,7 +106,7 @@ def test_prune_every_architecture(family, calib_ids):
     assert len(masks.masks) == 3 * len(find_linears(layers[0]))
     report = masks.sparsity_report()["modules"]
     for name, sparsity in report.items():
-        target = [0.5, 0.6, 0.7][int(name[len(prefix) + 1:].split(".")[0])]
+        target = [0.5, 0.6, 0.7][int(name[len(prefix) + 1 :].split(".")[0])]
         assert abs(sparsity - target) < 0.02, (name, sparsity)
     with torch.no_grad():
         assert torch.isfinite(model(calib_ids).logits).all()
@@ -141,8 +142,8 @@ def test_sequential_mode_calibrates_on_pruned_outputs(calib_ids):
 def test_fast_mode_prunes_from_the_dense_sweep(calib_ids):
     """Layer 0 sees the same (dense) inputs in both modes, so its masks agree; later layers need no sweep."""
     sequential = prune_model(tiny_model("llama"), calib_ids, [0.7] * 3, PruneSpec("wanda"))
-    model, stats = tiny_model("llama"), {}
-    score_layers(model, calib_ids, keep_stats=stats)
+    model = tiny_model("llama")
+    stats = score_layers(model, calib_ids, keep_stats=True).stats
     assert len(stats) == 21 and all(s.tokens == calib_ids.numel() for s in stats.values())
     fast = prune_model(model, None, [0.7] * 3, PruneSpec("wanda"), mode="fast", stats=stats)
     assert fast.violations(model) == 0
@@ -150,7 +151,10 @@ def test_fast_mode_prunes_from_the_dense_sweep(calib_ids):
         if ".layers.0." in name:
             assert torch.equal(fast.masks[name], mask), name
     from dlp.errors import DlpError
-    with pytest.raises(DlpError, match="prune_mode fast supports criterion wanda or magnitude"):
+
+    with pytest.raises(
+        DlpError, match="prune_mode fast supports criterion magnitude, wanda; use onepass or sequential for sparsegpt"
+    ):
         prune_model(model, None, [0.7] * 3, PruneSpec("sparsegpt"), mode="fast", stats=stats)
 
 

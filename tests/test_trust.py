@@ -56,15 +56,29 @@ def test_masks_apply_refuses_an_existing_directory_it_did_not_create(pruned, tin
     users = tmp_path / "users_dir"
     users.mkdir()
     (users / "thesis.tex").write_text("years of work")
-    result = masks_tool("apply", "--masks", str(pruned / "masks.safetensors"), "--model", str(tiny_model_dir),
-                        "--output_dir", str(users))
+    result = masks_tool(
+        "apply",
+        "--masks",
+        str(pruned / "masks.safetensors"),
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(users),
+    )
     assert result.returncode == 2 and "was not written by dlp" in one_error_line(result)
     assert sorted(p.name for p in users.iterdir()) == ["thesis.tex"]
     assert (users / "thesis.tex").read_text() == "years of work"
     fresh = tmp_path / "applied"
     for _ in range(2):  # a directory dlp made is dlp's to replace
-        result = masks_tool("apply", "--masks", str(pruned / "masks.safetensors"), "--model", str(tiny_model_dir),
-                            "--output_dir", str(fresh))
+        result = masks_tool(
+            "apply",
+            "--masks",
+            str(pruned / "masks.safetensors"),
+            "--model",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(fresh),
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         assert (fresh / MARKER).is_file() and (fresh / "config.json").is_file()
 
@@ -94,9 +108,11 @@ def test_a_resumed_run_removes_what_a_killed_export_left(pruned, tiny_args):
     """The regression: kill -9 during export left `model.tmpXXXX/` (config and weights), still there after the
     resumed run finished. Here a process dies inside the atomic write of model/, as kill -9 would stop it."""
     (pruned / "report.json").unlink()  # the run is unfinished again
-    die = ("import os, sys; from pathlib import Path; from dlp.io import atomic_dir\n"
-           "with atomic_dir(Path(sys.argv[1]) / 'model') as tmp:\n"
-           "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000); os._exit(9)\n")
+    die = (
+        "import os, sys; from pathlib import Path; from dlp.io import atomic_dir\n"
+        "with atomic_dir(Path(sys.argv[1]) / 'model') as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000); os._exit(9)\n"
+    )
     assert subprocess.run([sys.executable, "-c", die, str(pruned)], cwd=REPO, env=ENV).returncode == 9
     stale = [p for p in pruned.iterdir() if p.name.startswith(TEMP_PREFIX)]
     assert len(stale) == 1 and stale[0].is_dir()
@@ -141,20 +157,37 @@ def test_atomic_dir_never_replaces_a_foreign_directory(tmp_path):
 def test_masks_of_a_two_layer_model_are_refused_on_a_three_layer_one(tmp_path):
     """The regression: layer 2 stayed dense (46.4% real sparsity) while verify reported 0 violations and 69.62%."""
     small = tiny_model("llama", layers=2)
-    masks = MaskSet({name: torch.rand(lin.weight.shape) > 0.7 for name, lin in prunable_linears(small).items()},
-                    {"model": "tiny-2-layer", "fingerprint": model_fingerprint(small)})
+    masks = MaskSet(
+        {name: torch.rand(lin.weight.shape) > 0.7 for name, lin in prunable_linears(small).items()},
+        {"model": "tiny-2-layer", "fingerprint": model_fingerprint(small)},
+    )
     masks.save(tmp_path / "masks.safetensors")
     big = tiny_model("llama", layers=3)
     with pytest.raises(DlpError, match=r"made for decoder layers 2, the model has 3"):
         masks.apply(big)
     save_tiny_model(tmp_path / "big", "llama")
     for command in ("verify", "apply"):
-        result = masks_tool(command, "--masks", str(tmp_path / "masks.safetensors"), "--model", str(tmp_path / "big"),
-                            "--output_dir", str(tmp_path / "out"))
+        result = masks_tool(
+            command,
+            "--masks",
+            str(tmp_path / "masks.safetensors"),
+            "--model",
+            str(tmp_path / "big"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        )
         assert result.returncode == 2 and "made for decoder layers 2, --model has 3" in one_error_line(result)
     assert not (tmp_path / "out").exists()
-    forced = masks_tool("apply", "--force", "--masks", str(tmp_path / "masks.safetensors"), "--model",
-                        str(tmp_path / "big"), "--output_dir", str(tmp_path / "out"))
+    forced = masks_tool(
+        "apply",
+        "--force",
+        "--masks",
+        str(tmp_path / "masks.safetensors"),
+        "--model",
+        str(tmp_path / "big"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert forced.returncode == 0 and "applying them anyway because of --force" in forced.stderr
 
 
@@ -162,8 +195,9 @@ def test_llama_masks_are_refused_on_a_qwen2_model_of_the_same_shapes():
     llama, qwen = tiny_model("llama"), tiny_model("qwen2")
     shapes = {n: tuple(m.weight.shape) for n, m in prunable_linears(llama).items()}
     assert shapes == {n: tuple(m.weight.shape) for n, m in prunable_linears(qwen).items()}  # names and shapes fit
-    masks = MaskSet({n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()},
-                    {"fingerprint": model_fingerprint(llama)})
+    masks = MaskSet(
+        {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}, {"fingerprint": model_fingerprint(llama)}
+    )
     assert masks.violations(llama) == 0
     with pytest.raises(DlpError, match="made for architecture 'llama', the model has 'qwen2'"):
         masks.violations(qwen)
@@ -177,8 +211,15 @@ def test_prune_records_the_fingerprint_and_finetuning_and_merging_check_it(prune
 
     masks = MaskSet.load(pruned / "masks.safetensors")
     assert masks.metadata["fingerprint"] == model_fingerprint(tiny_model("llama"))
-    lora = SimpleNamespace(lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_target_modules=None, use_dora=False,
-                           lora_modules_to_save=None, use_rslora=False)
+    lora = SimpleNamespace(
+        lora_r=2,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        lora_target_modules=None,
+        use_dora=False,
+        lora_modules_to_save=None,
+        use_rslora=False,
+    )
     with pytest.raises(DlpError, match="made for architecture 'llama', the model has 'qwen2'"):
         masked_lora_model(tiny_model("qwen2"), masks, lora)
     other = save_tiny_model(tmp_path / "two-layers", "llama", layers=2)
@@ -191,8 +232,17 @@ def test_prune_records_the_fingerprint_and_finetuning_and_merging_check_it(prune
 # --- 3. allocations the result must honour ---------------------------------------------------------------------------
 def test_explicit_values_out_of_range_are_refused_before_loading(tiny_args, tmp_path):
     """The regression: 1.5,0.2 gave 59.46% overall while a warning said the mean 'stays 0.7000'."""
-    result = _run([*tiny_args, "--output_dir", str(tmp_path / "x"), "--allocation", "explicit",
-                   "--layer_sparsities", "1.5,0.2,0.5"])
+    result = _run(
+        [
+            *tiny_args,
+            "--output_dir",
+            str(tmp_path / "x"),
+            "--allocation",
+            "explicit",
+            "--layer_sparsities",
+            "1.5,0.2,0.5",
+        ]
+    )
     expected = "layer_sparsities: every value must be in [0, max_layer_sparsity=0.99] (got 1.5)"
     assert result.returncode == 2 and expected in one_error_line(result)
     assert not (tmp_path / "x").exists()
@@ -200,8 +250,19 @@ def test_explicit_values_out_of_range_are_refused_before_loading(tiny_args, tmp_
 
 def test_explicit_list_is_its_own_target_and_is_met(tiny_args, tmp_path):
     out = tmp_path / "explicit"
-    result = _run([*tiny_args, "--output_dir", str(out), "--allocation", "explicit", "--layer_sparsities",
-                   "0.5,0.6,0.8", "--eval_dense", "false"])
+    result = _run(
+        [
+            *tiny_args,
+            "--output_dir",
+            str(out),
+            "--allocation",
+            "explicit",
+            "--layer_sparsities",
+            "0.5,0.6,0.8",
+            "--eval_dense",
+            "false",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["target_sparsity"] == pytest.approx((0.5 + 0.6 + 0.8) / 3)
@@ -210,7 +271,7 @@ def test_explicit_list_is_its_own_target_and_is_met(tiny_args, tmp_path):
 
 
 def test_a_missed_target_fails_loudly_and_saves_nothing():
-    from dlp.run_prune import check_overall_sparsity
+    from dlp.stages.prune import check_overall_sparsity
 
     masks = MaskSet({"a": torch.tensor([[True, False], [False, False]])})  # 75% sparse
     assert check_overall_sparsity(masks, 0.7504) == 0.75
@@ -226,15 +287,18 @@ def test_max_layer_sparsity_below_sparsity_names_the_right_field(tiny_args, tmp_
 # --- 5. same inputs, same bytes ---------------------------------------------------------------------------------------
 def test_a_mask_file_has_the_same_bytes_in_every_process(tmp_path):
     """The regression: safetensors keeps metadata in a hash map, so each process wrote another header order."""
-    write = ("import sys, torch; from dlp.masks import MaskSet\n"
-             "g = torch.Generator().manual_seed(0)\n"
-             "MaskSet({f'layer.{i}': torch.rand(4, 9, generator=g) > 0.5 for i in range(5)},\n"
-             "        {'model': 'm', 'seed': 0, 'recipe': {'b': 1, 'a': 2}}).save(sys.argv[1])\n")
+    write = (
+        "import sys, torch; from dlp.masks import MaskSet\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "MaskSet({f'layer.{i}': torch.rand(4, 9, generator=g) > 0.5 for i in range(5)},\n"
+        "        {'model': 'm', 'seed': 0, 'recipe': {'b': 1, 'a': 2}}).save(sys.argv[1])\n"
+    )
     digests = set()
     for seed in ("1", "2", "3"):
         path = tmp_path / f"masks{seed}.safetensors"
-        subprocess.run([sys.executable, "-c", write, str(path)], cwd=REPO, check=True,
-                       env={**ENV, "PYTHONHASHSEED": seed})
+        subprocess.run(
+            [sys.executable, "-c", write, str(path)], cwd=REPO, check=True, env={**ENV, "PYTHONHASHSEED": seed}
+        )
         digests.add(sha256(path))
     assert len(digests) == 1
 
@@ -252,8 +316,13 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("sparsity: 0.5\n  allocation: [dlp\n")
     for script in (PRUNE, str(REPO / "train" / "prune_lora.py")):
-        result = subprocess.run([sys.executable, script, "--config", str(recipe), "--output_dir", str(tmp_path / "o")],
-                                capture_output=True, text=True, env=ENV, timeout=300)
+        result = subprocess.run(
+            [sys.executable, script, "--config", str(recipe), "--output_dir", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+        )
         assert result.returncode == 2 and f"config: {recipe} is not valid YAML at line 2" in one_error_line(result)
     assert not (tmp_path / "o").exists()
 
@@ -266,8 +335,9 @@ def test_a_bad_float_is_one_line_not_a_usage_dump(tmp_path):
 
 def test_model_errors_come_before_any_heavy_work(tiny_args, tmp_path):
     """An explicit list of the wrong length used to be found after the dense perplexity."""
-    result = _run([*tiny_args, "--output_dir", str(tmp_path / "x"), "--allocation", "explicit",
-                   "--layer_sparsities", "0.5,0.6"])
+    result = _run(
+        [*tiny_args, "--output_dir", str(tmp_path / "x"), "--allocation", "explicit", "--layer_sparsities", "0.5,0.6"]
+    )
     assert result.returncode == 2 and "must list 3 values" in one_error_line(result)
     assert "perplexity" not in result.stdout + result.stderr and not (tmp_path / "x").exists()
 
@@ -336,11 +406,38 @@ def test_a_recipe_json_of_a_run_that_finished_nothing_does_not_block_a_rerun(tmp
 def test_prune_lora_without_a_recipe_runs_on_cpu_in_float32(tiny_model_dir, tmp_path):
     """The regression: trl's bf16 default failed on a CPU machine with advice to set use_cpu."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "train" / "prune_lora.py"), "--model_name_or_path", str(tiny_model_dir),
-         "--max_steps", "2", "--output_dir", str(tmp_path / "run"), "--nsamples", "2", "--seqlen", "32",
-         "--eval_seqlen", "32", "--eval_max_windows", "1", "--max_length", "32", "--train_max_windows", "8",
-         "--report_to", "none", "--disable_tqdm", "true"],
-        capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
+        [
+            sys.executable,
+            str(REPO / "train" / "prune_lora.py"),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--nsamples",
+            "2",
+            "--seqlen",
+            "32",
+            "--eval_seqlen",
+            "32",
+            "--eval_max_windows",
+            "1",
+            "--max_length",
+            "32",
+            "--train_max_windows",
+            "8",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no GPU here: training in float32 (bf16: false" in result.stdout
     assert "gemm_4bit_forward" not in result.stderr and "Setting accelerator to CPU" not in result.stderr

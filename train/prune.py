@@ -1,6 +1,6 @@
 """Prune a causal LM with a layerwise sparsity allocation and save masks, pruned model and report.
 
-    python train/prune.py --config recipes/smollm2-135m/dlp_wanda_70.yaml [--field value ...]
+python train/prune.py --config recipes/smollm2-135m/dlp_wanda_70.yaml [--field value ...]
 """
 
 from __future__ import annotations
@@ -11,19 +11,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import run_cli  # noqa: E402
-from dlp.config import EvalArguments, PruneArguments, RunArguments, parse_config  # noqa: E402
+from dlp.config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
-from dlp.run_prune import run_prune  # noqa: E402
+from dlp.stages.prune import run_prune  # noqa: E402
 from trl import ModelConfig  # noqa: E402  (after dlp, which quiets library noise at import)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, prune_args, eval_args, run_args = parse_config([ModelConfig, PruneArguments, EvalArguments, RunArguments], argv)
+    model_args, calib_args, prune_args, eval_args, run_args = parse_config(
+        [ModelConfig, CalibrationArguments, PruneArguments, EvalArguments, RunArguments], argv
+    )
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
-    report = run_prune(model_args, prune_args, eval_args, run_args)
+    report = run_prune(model_args, calib_args.seeded(run_args.seed), prune_args, eval_args, run_args).to_dict()
     ppl = report["perplexity"]
-    print(f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity dense "
-          f"{ppl['dense']['value'] if ppl.get('dense') else float('nan'):.2f} → pruned {ppl['pruned']['value']:.2f}")
+    print(
+        f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity dense "
+        f"{ppl['dense']['value'] if ppl.get('dense') else float('nan'):.2f} → pruned {ppl['pruned']['value']:.2f}"
+    )
     print(f"[dlp] results in {run_args.output_dir}: masks.safetensors, model/, report.json, summary.md, sparsity.png")
     return report
 

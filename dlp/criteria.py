@@ -1,17 +1,26 @@
-"""Pruning criteria and sparsity patterns, as pure functions of a weight and its input statistics.
+"""Pruning criteria and sparsity patterns, as pure functions of a weight and its input statistics, and the
+registry that names them.
 
 Masks are boolean with ``True`` = keep, so a pruned weight is ``W * mask`` and a merged LoRA weight is
 ``(W + s·B·A) * mask``. Ties are broken by column index (stable sorts), so a seed gives bit-identical masks.
+
+Adding a criterion is one entry in :data:`CRITERIA` (its name, what it needs from calibration, and the function
+that prunes one weight): the recipe's ``criterion`` choices, the sweep's statistics and the prune modes it may run
+in are all looked up there.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import nn
 
 from .errors import require
+from .stats import InputStats
+from .projections import logical_weight
 
 
 @dataclass(frozen=True)
@@ -91,8 +100,14 @@ def keep_mask(scores: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.
 
 
 @torch.no_grad()
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: Pattern,
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh, 2023): choose the mask block by block with the OBS saliency
     w²/[H⁻¹]²_jj and update the remaining weights to compensate the error. Returns (new weight, keep mask).
 
@@ -145,3 +160,81 @@ def _lowest(saliency: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
     require(0.0 <= sparsity < 1.0 and not math.isnan(sparsity), f"{name} must be in [0, 1) (got {sparsity})")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """How to prune each Linear once its layer's sparsity is known."""
+
+    criterion: str = "wanda"
+    pattern: Pattern = Pattern()
+    sparsegpt_blocksize: int = 128
+    sparsegpt_percdamp: float = 0.01
+
+    @property
+    def needs_xtx(self) -> bool:
+        return get_criterion(self.criterion).needs_hessian
+
+
+PruneFn = Callable[[torch.Tensor, "InputStats | None", float, PruneSpec], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A pruning criterion: what it needs from the calibration sweep, and ``prune(weight, stats, sparsity, spec)``,
+    which prunes one logical ``[out, in]`` weight in place and returns its keep-mask."""
+
+    name: str
+    prune: PruneFn
+    needs_data: bool = True  # False: the weights alone decide (no calibration sweep at all)
+    needs_hessian: bool = False  # True: the sweep accumulates XᵀX per Linear (SparseGPT's Hessian)
+
+    @property
+    def supports_fast(self) -> bool:
+        """prune_mode fast prunes every Linear from statistics the dense scoring sweep kept, all at once. A Hessian
+        per Linear for the whole model would not fit in memory beside it, so a criterion that needs one cannot."""
+        return not self.needs_hessian
+
+
+def _prune_by_scores(scores: Callable[[torch.Tensor, "InputStats | None"], torch.Tensor]) -> PruneFn:
+    def prune(weight: torch.Tensor, stats, sparsity: float, spec: PruneSpec) -> torch.Tensor:
+        keep = keep_mask(scores(weight, stats), sparsity, spec.pattern)
+        weight.mul_(keep.to(weight.dtype))
+        return keep
+
+    return prune
+
+
+def _prune_sparsegpt(weight: torch.Tensor, stats, sparsity: float, spec: PruneSpec) -> torch.Tensor:
+    # contiguous: a Conv1D's transposed view would otherwise carry its strides into every matmul of the solver,
+    # and a different BLAS path could round differently from the same Linear's
+    new_weight, keep = sparsegpt_prune(
+        weight.contiguous(), stats.hessian, sparsity, spec.pattern, spec.sparsegpt_blocksize, spec.sparsegpt_percdamp
+    )
+    weight.copy_(new_weight)
+    return keep
+
+
+CRITERIA: dict[str, Criterion] = {
+    criterion.name: criterion
+    for criterion in (
+        Criterion("magnitude", _prune_by_scores(lambda weight, _stats: magnitude_scores(weight)), needs_data=False),
+        Criterion("wanda", _prune_by_scores(lambda weight, stats: wanda_scores(weight, stats.sq_mean))),
+        Criterion("sparsegpt", _prune_sparsegpt, needs_hessian=True),
+    )
+}
+
+
+def get_criterion(name: str) -> Criterion:
+    require(name in CRITERIA, f"criterion must be one of {', '.join(CRITERIA)} (got {name!r})")
+    return CRITERIA[name]
+
+
+@torch.no_grad()
+def prune_linear(linear: nn.Module, stats: InputStats | None, sparsity: float, spec: PruneSpec) -> torch.Tensor:
+    """Prune one projection (Linear or Conv1D) in place; return its keep-mask [out, in] (on CPU).
+
+    Every criterion works on the logical ``[out, in]`` weight (for a Conv1D a transposed view of the stored one,
+    which the in-place updates write through), so Wanda's per-output-row groups and SparseGPT's input columns
+    mean the same thing for both layouts."""
+    return get_criterion(spec.criterion).prune(logical_weight(linear), stats, sparsity, spec).cpu()

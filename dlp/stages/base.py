@@ -1,0 +1,207 @@
+"""Compression methods as objects, and what every compression stage shares.
+
+A compression method (pruning with fixed masks, rotate-and-slice, ...) is one :class:`CompressionMethod`: it owns
+every decision the pipeline, the fine-tuning, the merge and the report would otherwise take by comparing method
+names — which recipe fields it reads, how its stage runs and resumes, whether its model carries masks, which
+projections get LoRA adapters, how close a merged model must stay to its adapter model, whether the export ships
+its own modeling code. Adding a method is one module in this package that defines its stage and registers its
+object with :func:`register` (plus one import line in ``dlp/stages/__init__.py``); nothing outside looks at its name.
+
+The helpers below are the parts of a stage every method repeats: the finished-run check and ``output_dir`` claim,
+seeding and loading, the dense scoring sweep with its cache, and reusing a model an earlier run saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..allocate import LayerScores
+from ..config import CalibrationArguments, EvalArguments, RunArguments
+from ..data import check_source
+from ..errors import require
+from ..io import atomic_write_json, check_writable_dir, is_dlp_dir, read_json, start_output_dir
+from ..masks import MaskSet
+from ..merge import MERGE_TOLERANCE
+from ..finetune import default_target_modules
+from ..modeling import load_model_and_tokenizer
+from ..preflight import ModelPlan
+from ..process import resolve_device, setup
+from ..pruner import Scoring, score_layers
+from ..report_schema import StageReport
+
+
+class CompressionMethod:
+    """What the pipeline asks of a compression method. Subclasses set the class attributes and ``run``."""
+
+    name: str  # the recipe's ``method`` value
+    arguments: type  # the dataclass of the method's own recipe fields (keys stay flat in the recipe)
+    report_type: type[StageReport]
+    script: str  # the method's own entry script, e.g. train/prune.py
+    reuse_field: str | None = None  # FinetuneArguments field naming a finished run of ``script`` to reuse
+    trust_remote_code: bool = False  # the exported model ships its own modeling file
+    supports_4bit: bool = False  # whether its compressed model can be a 4-bit (QLoRA) base
+
+    def check_settings(
+        self, model_args, calib_args: CalibrationArguments, method_args, eval_args: EvalArguments, **lengths: int
+    ) -> ModelPlan:
+        """Every check of the recipe that needs the model's config but not its weights (one-line errors)."""
+        raise NotImplementedError
+
+    def check_reuse(self, plan: ModelPlan, reuse_dir: Path) -> None:
+        """Checks of a finished run named by ``reuse_field`` that need no weights (default: none)."""
+
+    def run(
+        self,
+        model_args,
+        calib_args: CalibrationArguments,
+        method_args,
+        eval_args: EvalArguments,
+        run_args: RunArguments,
+    ) -> StageReport:
+        """Run (or resume) the stage into ``run_args.output_dir``; return its report (also written there)."""
+        raise NotImplementedError
+
+    def masks(self, stage_dir: Path) -> MaskSet | None:
+        """The masks the compressed model must keep through training and merge (None: it has none)."""
+        return None
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        """The projection names that get LoRA adapters by default: every prunable projection kind of a block."""
+        return default_target_modules(model)
+
+    def merge_tolerance(self, adapter_logits) -> float:
+        """How far the merged model's logits may be from the adapter model's (fp32 max |difference|)."""
+        return MERGE_TOLERANCE
+
+    def compression_section(self, stage_report: StageReport, evaluation: dict[str, Any]) -> dict[str, Any]:
+        """What the pipeline's final report keeps of the stage's report (top-level keys of report.json)."""
+        return {}
+
+    def headline(self, report: dict[str, Any]) -> str:
+        """How much the model was compressed, for the scripts' result line (from a report as JSON)."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, CompressionMethod] = {}
+
+
+def register(method: CompressionMethod) -> CompressionMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> CompressionMethod:
+    require(name in METHODS, f"method must be one of {', '.join(METHODS)} (got {name!r})")
+    return METHODS[name]
+
+
+def finished_run(run_args: RunArguments, preflight: Callable[[], object] = lambda: None) -> dict[str, Any] | None:
+    """The report of a run already finished in ``output_dir`` (unless ``--overwrite``), or None once ``output_dir``
+    is ready for a new run: ``preflight`` (the checks that need no weights) has passed, and only then is anything
+    written or removed, so a refused run leaves ``output_dir`` as it found it."""
+    out = Path(run_args.output_dir)
+    finished = finished_report(out, run_args.overwrite)
+    if finished is not None:
+        return finished
+    preflight()
+    start_output_dir(out, run_args.overwrite)
+    return None
+
+
+def finished_report(out: Path, overwrite: bool, announce: bool = True) -> dict[str, Any] | None:
+    """The report of a run already finished in the dlp directory ``out`` (None with ``overwrite``); ``out`` must be
+    a place dlp may write to either way (checked without writing)."""
+    check_writable_dir(out)
+    finished = read_json(out / "report.json") if is_dlp_dir(out) and not overwrite else None
+    if finished is not None and announce:
+        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+    return finished
+
+
+def check_run_inputs(calib_args: CalibrationArguments, eval_args: EvalArguments) -> None:
+    """The calibration and evaluation texts and the compute device, which every compression stage shares."""
+    check_source(calib_args.calibration_data, "calibration_data")
+    check_source(eval_args.eval_data, "eval_data")
+    resolve_device(calib_args.device)
+
+
+def prepare_run(model_args, calib_args: CalibrationArguments):
+    """Seeds, the compute device and the dense model with its tokenizer, for a run that is not finished yet."""
+    setup(calib_args.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, model_args.dtype or "float32", model_args.attn_implementation or "sdpa"
+    )
+    return model, tokenizer, resolve_device(calib_args.device)
+
+
+def run_config(calib_args: CalibrationArguments, method_args, run_args: RunArguments) -> dict[str, Any]:
+    """The flat recipe a stage records: calibration, the method's own fields and the run's (nothing else)."""
+    return {**asdict(calib_args), **asdict(method_args), **asdict(run_args)}
+
+
+def cache_key(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dense_layer_scores(
+    out: Path,
+    model,
+    model_args,
+    calib_args: CalibrationArguments,
+    calibration,
+    owl_m: float = 5.0,
+    keep_stats: bool = False,
+) -> Scoring:
+    """The dense scoring sweep's per-layer scores, cached in ``layer_scores.json`` (keyed by model, dtype,
+    calibration data and settings). With ``keep_stats`` the sweep always runs and keeps every Linear's statistics.
+    ``calibration``: the loaded windows (:func:`dlp.data.load_calibration`)."""
+    batch = calib_args.calibration_batch_size
+
+    def compute() -> Scoring:
+        return score_layers(
+            model,
+            calibration.input_ids,
+            owl_m=owl_m,
+            device=resolve_device(calib_args.device),
+            batch_size=batch,
+            keep_stats=keep_stats,
+        )
+
+    if keep_stats:
+        return compute()
+    key = cache_key(
+        {
+            "model": model_args.model_name_or_path,
+            "dtype": model_args.dtype,
+            "data": calibration.sha256,
+            "owl_m": owl_m,
+            "batch": batch,
+        }
+    )
+    path = out / "layer_scores.json"
+    cached = read_json(path)
+    if cached and cached.get("key") == key:
+        return Scoring([LayerScores(**s) for s in cached["layers"]])
+    scoring = compute()
+    atomic_write_json(path, {"key": key, "layers": [asdict(s) for s in scoring.layers]})
+    return scoring
+
+
+def reload_matching(model_dir: Path, saved: dict | None, metadata: dict, model_args, stage: str):
+    """The model an earlier run saved in ``model_dir``, if the metadata saved with it (recipe, ratios or widths,
+    seed, data hash) equals this run's; else None, so a changed recipe never reuses a stale model."""
+    if saved is None or not (model_dir / "config.json").is_file():
+        return None
+    if json.dumps(saved, sort_keys=True) != json.dumps(metadata, sort_keys=True):
+        return None
+    print(f"[dlp] resuming: {model_dir} matches this recipe; {stage} skipped")
+    model, _ = load_model_and_tokenizer(
+        str(model_dir), model_args.dtype or "float32", model_args.attn_implementation or "sdpa"
+    )
+    return model

@@ -1,0 +1,253 @@
+"""The prune stage and the pruning method: calibration → layer scores → layerwise sparsities → masks → pruned model.
+
+Each step writes its artifact atomically into ``output_dir`` and a rerun picks up after the last finished one:
+``layer_scores.json`` (dense sweep, keyed by model, data hash and settings), ``masks.safetensors`` and
+``model/`` (pruned weights; reused when the masks' metadata — recipe, ratios, seed, data hash — matches), then
+``report.json`` (whose presence marks the stage finished; ``--overwrite`` starts over).
+
+In the pipeline, a pruned model carries its masks through LoRA (mask-exact adapters), merge and export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..allocate import ALLOCATORS, compute_sparsities, explicit_sparsities, weighted_mean
+from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments
+from ..criteria import PruneSpec, get_criterion, parse_pattern
+from ..data import load_calibration
+from ..errors import ResultCheckFailed, require
+from ..evaluate import perplexity, zero_shot
+from ..io import atomic_dir
+from ..masks import MaskSet, model_fingerprint
+from ..modeling import find_decoder_layers, prunable_linears
+from ..preflight import ModelPlan, check_lengths, check_masks_fit, check_pattern_fits, inspect_model
+from ..projections import logical_shape
+from ..pruner import layer_param_counts, prune_model
+from ..report import layer_sparsity_from_modules, write_stage_report
+from ..report_schema import PruneReport
+from .base import (
+    CompressionMethod,
+    check_run_inputs,
+    dense_layer_scores,
+    finished_run,
+    prepare_run,
+    register,
+    reload_matching,
+    run_config,
+)
+
+SPARSITY_TOLERANCE = 0.001  # overall sparsity may miss its target by at most 0.1 point (rounding to whole weights)
+
+
+def check_overall_sparsity(masks: MaskSet, target: float) -> float:
+    """The masks' overall sparsity, which must be the target's: a gap means an allocation or a criterion did not do
+    what the report would claim, so the run stops with the two numbers instead of saving such masks."""
+    overall = masks.sparsity_report()["overall"]
+    if abs(overall - target) > SPARSITY_TOLERANCE:
+        raise ResultCheckFailed(
+            f"prune: the masks remove {100 * overall:.2f}% of the weights, but the target was "
+            f"{100 * target:.2f}% (more than {100 * SPARSITY_TOLERANCE:.1f} point apart); "
+            "nothing was saved"
+        )
+    return overall
+
+
+def check_prune_settings(
+    model_args, calib_args: CalibrationArguments, prune_args: PruneArguments, eval_args: EvalArguments, **lengths: int
+) -> ModelPlan:
+    """Everything about a prune recipe that can be checked against the model's config alone (see preflight.py)."""
+    plan = inspect_model(model_args.model_name_or_path)
+    check_lengths(plan, seqlen=calib_args.seqlen, eval_seqlen=eval_args.eval_seqlen, **lengths)
+    if prune_args.allocation == "explicit":
+        explicit_sparsities(prune_args.layer_sparsities, plan.num_layers, prune_args.max_layer_sparsity)
+    pattern = parse_pattern(prune_args.pattern)
+    if pattern.is_nm:
+        check_pattern_fits(plan, pattern.m, prune_args.pattern)
+    check_run_inputs(calib_args, eval_args)
+    return plan
+
+
+def run_prune(
+    model_args,
+    calib_args: CalibrationArguments,
+    prune_args: PruneArguments,
+    eval_args: EvalArguments,
+    run_args: RunArguments,
+) -> PruneReport:
+    """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+    out = Path(run_args.output_dir)
+    finished = finished_run(run_args, lambda: check_prune_settings(model_args, calib_args, prune_args, eval_args))
+    if finished is not None:
+        return PruneReport.from_dict(finished)
+    model, tokenizer, device = prepare_run(model_args, calib_args)
+    calibration = load_calibration(
+        tokenizer,
+        calib_args.calibration_data,
+        calib_args.nsamples,
+        calib_args.seqlen,
+        calib_args.seed,
+        calib_args.calibration_split,
+    )
+    ppl_kwargs = dict(
+        seqlen=eval_args.eval_seqlen,
+        max_windows=eval_args.max_windows,
+        batch_size=eval_args.eval_batch_size,
+        device=device,
+    )
+    config = run_config(calib_args, prune_args, run_args)
+    ppl: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    if eval_args.eval_dense:
+        ppl["dense"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
+        print(f"[dlp] dense perplexity {ppl['dense']['value']:.2f}")
+
+    params = layer_param_counts(model)
+    scoring = None
+    fast = prune_args.prune_mode == "fast" and get_criterion(prune_args.criterion).needs_data
+    if ALLOCATORS[prune_args.allocation].needs_scores or fast:
+        start = time.perf_counter()  # fast mode prunes from this sweep's statistics, so it always runs it
+        scoring = dense_layer_scores(out, model, model_args, calib_args, calibration, prune_args.owl_m, fast)
+        timings["score_s"] = time.perf_counter() - start
+    sparsities = compute_sparsities(prune_args, scoring.layers if scoring else None, params)
+    target = weighted_mean(sparsities, params)  # = sparsity, except for an explicit list (its own weighted mean)
+    print(
+        "[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities) + f" (overall {100 * target:.2f}%)"
+    )
+
+    start = time.perf_counter()
+    metadata = mask_metadata(
+        model, model_args.model_name_or_path, config, sparsities, calib_args.seed, calibration.sha256
+    )
+    masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
+    if masks is None:
+        spec = PruneSpec(
+            prune_args.criterion,
+            parse_pattern(prune_args.pattern),
+            prune_args.sparsegpt_blocksize,
+            prune_args.sparsegpt_percdamp,
+        )
+        masks = prune_model(
+            model,
+            calibration.input_ids,
+            sparsities,
+            spec,
+            mode=prune_args.prune_mode,
+            device=device,
+            batch_size=calib_args.calibration_batch_size,
+            stats=scoring.stats if scoring else None,
+        )
+        masks.metadata = metadata
+        check_overall_sparsity(masks, target)  # before anything is saved: no artifact that contradicts the target
+        masks.save(out / "masks.safetensors")
+        if run_args.save_model:
+            with atomic_dir(out / "model") as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    timings["prune_s"] = time.perf_counter() - start
+    assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
+
+    ppl["pruned"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
+    print(f"[dlp] pruned perplexity {ppl['pruned']['value']:.2f}")
+    report = PruneReport(
+        model=model_args.model_name_or_path,
+        config=config,
+        perplexity=ppl,
+        timings=timings,
+        calibration_sha256=calibration.sha256,
+        target_sparsity=target,
+        **_sparsity_section(model, masks, sparsities),
+        layer_scores=[asdict(s) for s in scoring.layers] if scoring else None,
+    )
+    if eval_args.eval_tasks:
+        report.zero_shot = zero_shot(
+            model, tokenizer, [t.strip() for t in eval_args.eval_tasks.split(",") if t.strip()]
+        )
+    write_stage_report(out, report)
+    return report
+
+
+def mask_metadata(
+    model, model_id: str, config: dict[str, Any], sparsities: list[float], seed: int, calibration_sha256: str
+) -> dict[str, Any]:
+    """What a mask file records of how it was made: the model and its fingerprint, the recipe (not where it was
+    written, nor whether to start over: those do not shape the masks, and would make equal masks differ in bytes),
+    the per-layer sparsities, the seed and the calibration data's hash."""
+    recipe = {key: value for key, value in config.items() if key not in ("output_dir", "overwrite")}
+    return {
+        "model": model_id,
+        "fingerprint": model_fingerprint(model),
+        "recipe": recipe,
+        "layer_sparsities": sparsities,
+        "seed": seed,
+        "calibration_sha256": calibration_sha256,
+        "dlp_version": "0.1.0",
+    }
+
+
+def _resume_pruned(out: Path, metadata: dict, model, model_args):
+    """(masks, pruned model) from an earlier run of the same recipe and data that stopped after pruning."""
+    mask_file = out / "masks.safetensors"
+    masks = MaskSet.load(mask_file) if mask_file.is_file() and (out / "model" / "config.json").is_file() else None
+    pruned = reload_matching(out / "model", masks.metadata if masks else None, metadata, model_args, "pruning")
+    return (masks, pruned) if pruned is not None else (None, model)
+
+
+def _sparsity_section(model, masks: MaskSet, sparsities: list[float]) -> dict[str, Any]:
+    """The masks' sparsity per module and overall, and per layer as allocated and as measured."""
+    prefix, layers = find_decoder_layers(model)
+    sizes = {name: math.prod(logical_shape(lin)) for name, lin in prunable_linears(model).items()}  # also 4-bit
+    sparsity = masks.sparsity_report()
+    measured = layer_sparsity_from_modules(sparsity["modules"], sizes, len(layers), prefix)
+    return {
+        "sparsity": sparsity,
+        "layer_sparsity": {"allocated": sparsities, "measured": measured},
+        "masks_digest": masks.digest(),
+    }
+
+
+class PruneMethod(CompressionMethod):
+    """Unstructured or N:M pruning with fixed masks (``train/prune.py``); the masks stay exact through training
+    (mask-exact LoRA), merge and export."""
+
+    name = "prune"
+    arguments = PruneArguments
+    report_type = PruneReport
+    script = "train/prune.py"
+    reuse_field = "prune_dir"
+    supports_4bit = True
+
+    def check_settings(self, model_args, calib, method_args, eval_args, **lengths: int) -> ModelPlan:
+        return check_prune_settings(model_args, calib, method_args, eval_args, **lengths)
+
+    def check_reuse(self, plan: ModelPlan, reuse_dir: Path) -> None:
+        reused = reuse_dir / "masks.safetensors"
+        require(
+            reused.is_file(),
+            f"prune_dir: {reuse_dir} holds no masks.safetensors (a finished train/prune.py run is needed)",
+        )
+        masks = MaskSet.load(reused)
+        check_masks_fit(plan, masks.metadata, {n: tuple(m.shape) for n, m in masks.masks.items()}, "prune_dir")
+
+    def run(self, model_args, calib, method_args, eval_args, run_args) -> PruneReport:
+        return run_prune(model_args, calib, method_args, eval_args, run_args)
+
+    def masks(self, stage_dir: Path) -> MaskSet:
+        return MaskSet.load(stage_dir / "masks.safetensors")
+
+    def compression_section(self, stage_report, evaluation: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "sparsity": stage_report.sparsity,
+            "layer_sparsity": stage_report.layer_sparsity,
+            "masks_digest": evaluation["masks_digest"],
+        }
+
+    def headline(self, report: dict[str, Any]) -> str:
+        return f"sparsity {100 * report['sparsity']['overall']:.2f}%"
+
+
+register(PruneMethod())
