@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 RECIPE ?= recipes/smollm2-135m/dlp_wanda_70.yaml
 
-.PHONY: install demo test bench
+.PHONY: install demo lint test bench
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH_SPEC)"
@@ -17,7 +17,11 @@ install:
 demo: install
 	$(PYTHON) train/prune.py --config $(RECIPE)
 
-test: install
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install lint
 	$(PYTHON) -m pytest -q
 
 bench: install

@@ -38,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer(args.model)
     ids = consecutive_windows(eval_stream(tokenizer, "builtin:wikitext2-test"), 512, args.windows)
-    weights = sum(subnormal_share(p) * p.numel() for p in model.parameters()) / sum(p.numel() for p in model.parameters())
+    weights = sum(subnormal_share(p) * p.numel() for p in model.parameters()) / sum(
+        p.numel() for p in model.parameters()
+    )
     torch.set_flush_denormal(False)
     hidden = model(ids[:1], output_hidden_states=True).hidden_states
     acts = sum(subnormal_share(h) for h in hidden) / len(hidden)

@@ -35,13 +35,26 @@ def run_cases(checkout: Path, root: Path) -> dict:
         case_dir = root / "cases" / case_id
         (case_dir / "cwd").mkdir(parents=True)
         out, paths = cases._make_output(case_dir, kind)
-        todo.append({"id": case_id, "script": str(checkout / Path(script).relative_to(REPO)),
-                     "argv": [a.format(out=out, **inputs) for a in argv], "cwd": str(case_dir / "cwd")})
+        todo.append(
+            {
+                "id": case_id,
+                "script": str(checkout / Path(script).relative_to(REPO)),
+                "argv": [a.format(out=out, **inputs) for a in argv],
+                "cwd": str(case_dir / "cwd"),
+            }
+        )
         watched[case_id] = {path: cases.snapshot(path) for path in paths}
     (root / "cases.json").write_text(json.dumps(todo))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DLP_CACHE": str(root / "cache")}
-    subprocess.run([sys.executable, cases.DRIVER, str(root / "cases.json"), str(root / "results.json")], cwd=root,
-                   env=env, capture_output=True, text=True, timeout=3000, check=True)
+    subprocess.run(
+        [sys.executable, cases.DRIVER, str(root / "cases.json"), str(root / "results.json")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+        check=True,
+    )
     found = json.loads((root / "results.json").read_text())
     for case_id, paths in watched.items():
         found[case_id]["touched"] = any(cases.snapshot(path) != state for path, state in paths.items())
@@ -50,8 +63,13 @@ def run_cases(checkout: Path, root: Path) -> dict:
 
 def kept_promise(result: dict) -> bool:
     lines = [line for line in result["stderr"].splitlines() if line.strip()]
-    return (not result.get("uncaught") and result["code"] == 2 and len(lines) == 1
-            and "Traceback" not in result["stderr"] and not result["touched"])
+    return (
+        not result.get("uncaught")
+        and result["code"] == 2
+        and len(lines) == 1
+        and "Traceback" not in result["stderr"]
+        and not result["touched"]
+    )
 
 
 def cell(result: dict) -> str:

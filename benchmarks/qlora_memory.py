@@ -71,17 +71,24 @@ def worker(variant: str, args) -> dict:
     from dlp.quantize import bnb_config
 
     dtype, four_bit = VARIANTS[variant]
-    model_args = ModelConfig(dtype=dtype, load_in_4bit=four_bit, use_bnb_nested_quant=True, lora_r=16,
-                             lora_alpha=32, lora_dropout=0.0)
+    model_args = ModelConfig(
+        dtype=dtype, load_in_4bit=four_bit, use_bnb_nested_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0
+    )
     before_model = peak_rss_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(str(Path(args.prune_dir) / "model"), dtype, "sdpa",
-                                                bnb_config(model_args))
+    model, tokenizer = load_model_and_tokenizer(
+        str(Path(args.prune_dir) / "model"), dtype, "sdpa", bnb_config(model_args)
+    )
     model = model.to(device) if not four_bit else model
     peft_model = masked_lora_model(model, MaskSet.load(Path(args.prune_dir) / "masks.safetensors"), model_args)
-    loaded = {"model_tensors_mib": tensor_mib(peft_model), "resident_after_load_mib": resident_mib(),
-              "peak_after_load_mib": peak_rss_mib()}
-    windows = load_training_windows(tokenizer, "builtin:wikitext2-valid", args.seqlen, max_windows=args.batch * args.steps)
+    loaded = {
+        "model_tensors_mib": tensor_mib(peft_model),
+        "resident_after_load_mib": resident_mib(),
+        "peak_after_load_mib": peak_rss_mib(),
+    }
+    windows = load_training_windows(
+        tokenizer, "builtin:wikitext2-valid", args.seqlen, max_windows=args.batch * args.steps
+    )
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -89,13 +96,18 @@ def worker(variant: str, args) -> dict:
     seconds = []
     for step in range(args.steps):
         start = time.perf_counter()
-        ids = windows[step * args.batch:(step + 1) * args.batch].to(device)
+        ids = windows[step * args.batch : (step + 1) * args.batch].to(device)
         peft_model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
-    result = {"variant": variant, "peak_rss_mib": peak_rss_mib(), "rss_before_model_mib": before_model, **loaded,
-              "step_s": seconds}
+    result = {
+        "variant": variant,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_before_model_mib": before_model,
+        **loaded,
+        "step_s": seconds,
+    }
     result["training_growth_mib"] = result["peak_rss_mib"] - before_model
     result["peak_over_loaded_mib"] = result["peak_rss_mib"] - loaded["resident_after_load_mib"]
     if device.type == "cuda":
@@ -120,18 +132,38 @@ def main() -> None:
         sys.exit(f"error: prune_dir: no masks.safetensors in {args.prune_dir} (run train/prune.py first)")
     results = []
     for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--worker", variant, "--prune_dir", args.prune_dir,
-                   "--steps", str(args.steps), "--batch", str(args.batch), "--seqlen", str(args.seqlen)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--prune_dir",
+            args.prune_dir,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seqlen",
+            str(args.seqlen),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = results[-1]
-        print(f"{variant:15s} model tensors {row['model_tensors_mib']:5.0f} MiB | resident after load "
-              f"{row['resident_after_load_mib']:5.0f} MiB | peak while training {row['peak_rss_mib']:5.0f} MiB "
-              f"(+{row['peak_over_loaded_mib']:.0f} over the loaded model) | step {min(row['step_s']):.1f} s"
-              + (f"  CUDA peak {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else ""), flush=True)
-    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "prune_dir": args.prune_dir, "batch": args.batch, "seqlen": args.seqlen, "steps": args.steps,
-               "results": results}
+        print(
+            f"{variant:15s} model tensors {row['model_tensors_mib']:5.0f} MiB | resident after load "
+            f"{row['resident_after_load_mib']:5.0f} MiB | peak while training {row['peak_rss_mib']:5.0f} MiB "
+            f"(+{row['peak_over_loaded_mib']:.0f} over the loaded model) | step {min(row['step_s']):.1f} s"
+            + (f"  CUDA peak {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else ""),
+            flush=True,
+        )
+    summary = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "prune_dir": args.prune_dir,
+        "batch": args.batch,
+        "seqlen": args.seqlen,
+        "steps": args.steps,
+        "results": results,
+    }
     if not args.no_save:
         atomic_write_json(RESULTS, summary)
 

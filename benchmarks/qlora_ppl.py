@@ -13,7 +13,6 @@ Results: ``benchmarks/results/qlora_ppl.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -35,8 +34,14 @@ def other_merge_perplexity(run: Path, report: dict) -> dict:
     masks = MaskSet.load(prune_dir / "masks.safetensors")
     model, tokenizer = load_adapter_model(prune_dir / "model", run / "adapter", masks, merge_base=other)
     merged, check = merge_masked(model, masks)
-    ppl = perplexity(merged.eval(), tokenizer, cfg["eval_data"], seqlen=cfg["eval_seqlen"],
-                     max_windows=cfg["eval_max_windows"] or None, batch_size=cfg["eval_batch_size"])
+    ppl = perplexity(
+        merged.eval(),
+        tokenizer,
+        cfg["eval_data"],
+        seqlen=cfg["eval_seqlen"],
+        max_windows=cfg["eval_max_windows"] or None,
+        batch_size=cfg["eval_batch_size"],
+    )
     print(f"merged into the {other} base: {ppl} ({check.violations} nonzero pruned weights)")
     return {"merge_base": other, "perplexity": ppl.to_dict(), "violations": check.violations}
 
@@ -67,8 +72,17 @@ def main() -> None:
     for name, value in table.items():
         print(f"{name:50s} {value:.2f}" if value is not None else f"{name:50s} -")
     if not args.no_save:
-        atomic_write_json(RESULTS, {"run": str(run), "lora_run": args.lora_run, "table": table, "other_merge": other,
-                                    "quantization": report["quantization"], "training": report["training"]})
+        atomic_write_json(
+            RESULTS,
+            {
+                "run": str(run),
+                "lora_run": args.lora_run,
+                "table": table,
+                "other_merge": other,
+                "quantization": report["quantization"],
+                "training": report["training"],
+            },
+        )
 
 
 if __name__ == "__main__":

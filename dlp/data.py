@@ -37,8 +37,13 @@ BUILTIN_SOURCES = {
 _TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
 
 
-def read_text(source: str, split: str = "train", text_field: str = "text", max_documents: int | None = None,
-              max_chars: int | None = None) -> str:
+def read_text(
+    source: str,
+    split: str = "train",
+    text_field: str = "text",
+    max_documents: int | None = None,
+    max_chars: int | None = None,
+) -> str:
     """The whole text of ``source``: a text file as it is, rows of jsonl/hub datasets joined with blank lines."""
     if source in BUILTIN_SOURCES:
         with gzip.open(BUILTIN_SOURCES[source], "rt", encoding="utf-8") as handle:
@@ -48,10 +53,15 @@ def read_text(source: str, split: str = "train", text_field: str = "text", max_d
     try:
         if path.exists() and path.suffix != ".jsonl":
             return path.read_text(encoding="utf-8").replace("\r\n", "\n")
-        docs = _read_jsonl(path, text_field) if path.exists() else _read_hub(source, split, text_field, max_documents,
-                                                                            max_chars)
+        docs = (
+            _read_jsonl(path, text_field)
+            if path.exists()
+            else _read_hub(source, split, text_field, max_documents, max_chars)
+        )
     except UnicodeDecodeError as exc:
-        raise DlpError(f"data: {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})")
+        raise DlpError(
+            f"data: {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r})"
+        )
     except OSError as exc:
         raise DlpError(f"data: cannot read {path} ({exc.strerror or type(exc).__name__})")
     return "\n\n".join(docs)
@@ -61,14 +71,18 @@ def check_source(source: str, field: str = "data", scan: bool = True) -> None:
     """The checks of a text source before any model loads: a known builtin name, a local file of a known kind that
     is UTF-8 text (``scan``: streamed through a decoder once; a path that does not exist is taken as a hub dataset
     id and can only be checked by reading it)."""
-    require(not source.startswith("builtin:") or source in BUILTIN_SOURCES,
-            f"{field}: data source {source!r} unknown; built-in sources: {sorted(BUILTIN_SOURCES)}")
+    require(
+        not source.startswith("builtin:") or source in BUILTIN_SOURCES,
+        f"{field}: data source {source!r} unknown; built-in sources: {sorted(BUILTIN_SOURCES)}",
+    )
     path = Path(source).expanduser()
     if source in BUILTIN_SOURCES or not path.exists():
         return
     require(path.is_file(), f"{field}: {path} is a directory, not a text file")
-    require(path.suffix == ".jsonl" or path.suffix in _TEXT_SUFFIXES,
-            f"{field}: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}")
+    require(
+        path.suffix == ".jsonl" or path.suffix in _TEXT_SUFFIXES,
+        f"{field}: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}",
+    )
     if not scan:
         return
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
@@ -79,8 +93,10 @@ def check_source(source: str, field: str = "data", scan: bool = True) -> None:
                 offset += len(chunk)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as exc:
-        raise DlpError(f"{field}: {path} is not UTF-8 text (byte {offset + exc.start} is "
-                       f"{exc.object[exc.start:exc.start + 1]!r})")
+        raise DlpError(
+            f"{field}: {path} is not UTF-8 text (byte {offset + exc.start} is "
+            f"{exc.object[exc.start : exc.start + 1]!r})"
+        )
     except OSError as exc:
         raise DlpError(f"{field}: cannot read {path} ({exc.strerror or type(exc).__name__})")
 
@@ -95,7 +111,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DlpError(f"data: {path}:{number} is not valid JSON ({exc.msg})")
-            require(isinstance(record, dict) and text_field in record, f"data: {path}:{number} has no field {text_field!r}")
+            require(
+                isinstance(record, dict) and text_field in record, f"data: {path}:{number} has no field {text_field!r}"
+            )
             docs.append(str(record[text_field]))
     return docs
 
@@ -113,11 +131,15 @@ def _read_hub(source: str, split: str, text_field: str, max_documents: int | Non
         for record in stream:
             docs.append(str(record[text_field]))
             chars += len(docs[-1]) + 2
-            if (max_documents is not None and len(docs) >= max_documents) or (max_chars is not None and chars >= max_chars):
+            if (max_documents is not None and len(docs) >= max_documents) or (
+                max_chars is not None and chars >= max_chars
+            ):
                 break
         return docs
     except Exception as exc:  # offline, unknown id, wrong split: all user-fixable
-        raise DlpError(f"data: {source!r} is not a local file, a builtin source or a reachable hub dataset ({type(exc).__name__})")
+        raise DlpError(
+            f"data: {source!r} is not a local file, a builtin source or a reachable hub dataset ({type(exc).__name__})"
+        )
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -151,15 +173,20 @@ def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
     require(nsamples >= 1 and seqlen >= 2, "calibration: nsamples must be >= 1 and seqlen >= 2")
     require(stream.numel() > seqlen, f"calibration: the text has {stream.numel()} tokens, fewer than seqlen={seqlen}")
     if stream.numel() < nsamples * seqlen:
-        warnings.warn(f"calibration: the text has {stream.numel()} tokens, fewer than nsamples × seqlen = "
-                      f"{nsamples} × {seqlen}: the windows overlap, so they hold less information than their count "
-                      "suggests", stacklevel=2)
+        warnings.warn(
+            f"calibration: the text has {stream.numel()} tokens, fewer than nsamples × seqlen = "
+            f"{nsamples} × {seqlen}: the windows overlap, so they hold less information than their count "
+            "suggests",
+            stacklevel=2,
+        )
     rng = random.Random(seed)
     starts = [rng.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([stream[s : s + seqlen] for s in starts])
 
 
-def load_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, split: str = "train") -> CalibrationSet:
+def load_calibration(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int, split: str = "train"
+) -> CalibrationSet:
     """Calibration windows from ``source``. For hub datasets only enough documents for the windows are read."""
     budget = max(64, nsamples * 8)  # documents, for streamed hub datasets
     text = read_text(source, split=split, max_documents=budget)
@@ -167,7 +194,9 @@ def load_calibration(tokenizer, source: str, nsamples: int, seqlen: int, seed: i
     return CalibrationSet(input_ids=ids, source=source, seed=seed)
 
 
-def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None, purpose: str = "evaluation") -> torch.Tensor:
+def consecutive_windows(
+    stream: torch.Tensor, seqlen: int, max_windows: int | None, purpose: str = "evaluation"
+) -> torch.Tensor:
     """Non-overlapping windows of ``seqlen`` tokens from the start of the stream (the standard perplexity
     protocol; fine-tuning uses them too, so every token is seen once per epoch)."""
     count = stream.numel() // seqlen
@@ -177,8 +206,9 @@ def consecutive_windows(stream: torch.Tensor, seqlen: int, max_windows: int | No
     return stream[: count * seqlen].view(count, seqlen)
 
 
-def load_training_windows(tokenizer, source: str, seqlen: int, split: str = "train",
-                          max_windows: int | None = None) -> torch.Tensor:
+def load_training_windows(
+    tokenizer, source: str, seqlen: int, split: str = "train", max_windows: int | None = None
+) -> torch.Tensor:
     """Fine-tuning windows ``[n, seqlen]`` of ``source`` (the whole text, tokenized once). With ``max_windows``
     a hub dataset is streamed only until it holds enough text (about 8 characters per token, a safe margin)."""
     text = read_text(source, split=split, max_chars=8 * seqlen * max_windows if max_windows else None)

@@ -26,8 +26,19 @@ _MARKER_TEXT = "This directory was written by dlp; dlp may replace what it wrote
 TEMP_PREFIX = ".dlp-tmp."  # every temporary file or directory dlp writes before renaming it into place
 # The files a dlp run writes into its output directory (prune, slice and prune-then-finetune runs); --overwrite
 # removes these and the marked subdirectories (model/, prune/, adapter/, ...), and keeps everything else.
-RUN_FILES = ("masks.safetensors", "report.json", "summary.md", "sparsity.png", "widths.png", "loss.png",
-             "layer_scores.json", "slicing.json", "recipe.json", "merge.json", "eval.json")
+RUN_FILES = (
+    "masks.safetensors",
+    "report.json",
+    "summary.md",
+    "sparsity.png",
+    "widths.png",
+    "loss.png",
+    "layer_scores.json",
+    "slicing.json",
+    "recipe.json",
+    "merge.json",
+    "eval.json",
+)
 
 
 def _umask() -> int:
@@ -72,8 +83,10 @@ def check_writable_dir(path: str | Path, what: str = "output_dir") -> None:
     if path.exists() and not path.is_dir():
         raise DlpError(f"{what}: {path} is a file, not a directory")
     if path.is_dir() and not is_dlp_dir(path) and any(path.iterdir()):
-        raise DlpError(f"{what}: {path} is not empty and was not written by dlp (no {MARKER} marker); "
-                       "dlp never writes into or deletes a directory it did not create: choose a new or empty one")
+        raise DlpError(
+            f"{what}: {path} is not empty and was not written by dlp (no {MARKER} marker); "
+            "dlp never writes into or deletes a directory it did not create: choose a new or empty one"
+        )
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise DlpError(f"{what}: {existing} is a file, so {path} cannot be created")

@@ -19,13 +19,19 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_quantization_args(model_args) -> None:
-    require(not getattr(model_args, "load_in_8bit", False),
-            "load_in_8bit is not supported: mask-exact LoRA needs a full-precision or 4-bit (load_in_4bit) base")
+    require(
+        not getattr(model_args, "load_in_8bit", False),
+        "load_in_8bit is not supported: mask-exact LoRA needs a full-precision or 4-bit (load_in_4bit) base",
+    )
     if getattr(model_args, "load_in_4bit", False):
-        require(model_args.bnb_4bit_quant_type in QUANT_TYPES,
-                f"bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)} (got {model_args.bnb_4bit_quant_type!r})")
-        require((model_args.dtype or "float32") in COMPUTE_DTYPES,
-                f"dtype (the 4-bit compute dtype) must be one of {', '.join(COMPUTE_DTYPES)} (got {model_args.dtype!r})")
+        require(
+            model_args.bnb_4bit_quant_type in QUANT_TYPES,
+            f"bnb_4bit_quant_type must be one of {', '.join(QUANT_TYPES)} (got {model_args.bnb_4bit_quant_type!r})",
+        )
+        require(
+            (model_args.dtype or "float32") in COMPUTE_DTYPES,
+            f"dtype (the 4-bit compute dtype) must be one of {', '.join(COMPUTE_DTYPES)} (got {model_args.dtype!r})",
+        )
 
 
 def bnb_config(model_args, always: bool = False):
@@ -37,9 +43,13 @@ def bnb_config(model_args, always: bool = False):
     from transformers import BitsAndBytesConfig
 
     compute = getattr(torch, model_args.dtype or "float32")
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant),
-                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bool(model_args.use_bnb_nested_quant),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
 
 
 def keep_canonical_4bit_layout(model) -> int:

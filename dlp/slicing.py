@@ -36,13 +36,25 @@ from .sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
 from .sweep import LayerContext, sweep
 
 SLICEABLE_MODEL_TYPES = ("llama",)
-_BLOCK_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_BLOCK_PARTS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def check_sliceable_type(model_type: str | None) -> None:
-    require(model_type in SLICEABLE_MODEL_TYPES, f"slicing supports model_type {', '.join(SLICEABLE_MODEL_TYPES)} "
-            f"(Llama-architecture models such as SmolLM2, Llama 2/3); got {model_type!r}")
+    require(
+        model_type in SLICEABLE_MODEL_TYPES,
+        f"slicing supports model_type {', '.join(SLICEABLE_MODEL_TYPES)} "
+        f"(Llama-architecture models such as SmolLM2, Llama 2/3); got {model_type!r}",
+    )
 
 
 def check_sliceable(model: nn.Module) -> None:
@@ -53,13 +65,21 @@ def check_sliceable(model: nn.Module) -> None:
         require(layers[0].get_submodule(part) is not None, f"slicing: decoder block lacks {part}")
 
 
-def slicing_fractions(allocation: str, mean_fraction: float, num_layers: int, redundancy: Sequence[float] | None = None,
-                      spread: float = 0.0, max_fraction: float = 0.9) -> list[float]:
+def slicing_fractions(
+    allocation: str,
+    mean_fraction: float,
+    num_layers: int,
+    redundancy: Sequence[float] | None = None,
+    spread: float = 0.0,
+    max_fraction: float = 0.9,
+) -> list[float]:
     """Per-layer slicing fractions averaging ``mean_fraction``: uniform, or spread by Layer Redundancy."""
     if allocation == "uniform":
         return [mean_fraction] * num_layers
-    require(redundancy is not None and len(redundancy) == num_layers, "slicing_allocation lr needs one redundancy "
-            "score per layer")
+    require(
+        redundancy is not None and len(redundancy) == num_layers,
+        "slicing_allocation lr needs one redundancy score per layer",
+    )
     return balance(lr_sparsities(redundancy, mean_fraction, spread), [1] * num_layers, mean_fraction, max_fraction)
 
 
@@ -86,17 +106,20 @@ def check_slicing_mean(widths: Sequence[int], full_width: int, target: float, mu
     measured = 1.0 - sum(widths) / (full_width * len(widths))
     tolerance = max(0.001, multiple / (full_width * len(widths)))
     if abs(measured - target) > tolerance:
-        raise ResultCheckFailed(f"slice: widths {list(widths)} slice {100 * measured:.2f}% of the width on average, "
-                                f"but slicing asks {100 * target:.2f}% (a width cannot go below slicing_multiple="
-                                f"{multiple}); nothing was sliced")
+        raise ResultCheckFailed(
+            f"slice: widths {list(widths)} slice {100 * measured:.2f}% of the width on average, "
+            f"but slicing asks {100 * target:.2f}% (a width cannot go below slicing_multiple="
+            f"{multiple}); nothing was sliced"
+        )
     return measured
 
 
 def sliced_config(config, widths: Sequence[int]) -> SlicedLlamaConfig:
     """The sliced model's config: the dense one plus the width of every residual position."""
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    sliced = SlicedLlamaConfig(**fields, sliced_attention_dims=list(widths), sliced_mlp_dims=list(widths),
-                               sliced_final_dim=widths[-1])
+    sliced = SlicedLlamaConfig(
+        **fields, sliced_attention_dims=list(widths), sliced_mlp_dims=list(widths), sliced_final_dim=widths[-1]
+    )
     sliced._attn_implementation = config._attn_implementation
     return sliced
 
@@ -183,15 +206,22 @@ def _slicing_visitor(targets: nn.ModuleList, config: SlicedLlamaConfig, stream: 
             source = getattr(attn, name)
             _assign(getattr(target.self_attn, name), _fold(source, dense.input_layernorm.weight) @ basis, _bias(source))
         run = replace(ctx, layer=target).forward
-        with _swapped(target, attn_shortcut=_projection(basis, attn.o_proj), mlp=_Zero(), mlp_shortcut=nn.Identity()), \
-                _swapped(target.self_attn, o_proj=attn.o_proj):
+        with (
+            _swapped(target, attn_shortcut=_projection(basis, attn.o_proj), mlp=_Zero(), mlp_shortcut=nn.Identity()),
+            _swapped(target.self_attn, o_proj=attn.o_proj),
+        ):
             q_mid = principal_basis(_gram(run(), ctx.device), d_mid)
         _assign(target.self_attn.o_proj, q_mid.T @ attn.o_proj.weight.double(), _bias(attn.o_proj, q_mid))
         _assign(target.attn_shortcut, q_mid.T @ basis)
         for name in ("gate_proj", "up_proj"):
             source = getattr(mlp, name)
-            _assign(getattr(target.mlp, name), _fold(source, dense.post_attention_layernorm.weight) @ q_mid, _bias(source))
-        with _swapped(target, mlp_shortcut=_projection(q_mid, mlp.down_proj)), _swapped(target.mlp, down_proj=mlp.down_proj):
+            _assign(
+                getattr(target.mlp, name), _fold(source, dense.post_attention_layernorm.weight) @ q_mid, _bias(source)
+            )
+        with (
+            _swapped(target, mlp_shortcut=_projection(q_mid, mlp.down_proj)),
+            _swapped(target.mlp, down_proj=mlp.down_proj),
+        ):
             outputs = run()
         q_out = principal_basis(_gram(outputs, ctx.device), d_out)
         _assign(target.mlp.down_proj, q_out.T @ mlp.down_proj.weight.double(), _bias(mlp.down_proj, q_out))
@@ -213,15 +243,18 @@ def _rotate(hidden: torch.Tensor, basis: torch.Tensor, chunk: int = 8) -> torch.
 
 
 @torch.no_grad()
-def slice_model(model: nn.Module, input_ids: torch.Tensor, widths: Sequence[int], *, device="cpu",
-                batch_size: int = 8) -> SlicedLlamaForCausalLM:
+def slice_model(
+    model: nn.Module, input_ids: torch.Tensor, widths: Sequence[int], *, device="cpu", batch_size: int = 8
+) -> SlicedLlamaForCausalLM:
     """A :class:`SlicedLlamaForCausalLM` with block l's stream ``widths[l]`` wide, built from the dense ``model``
     (left unchanged) and calibration windows ``input_ids``."""
     check_sliceable(model)
     _, layers = find_decoder_layers(model)
     require(len(widths) == len(layers), f"slicing: {len(widths)} widths for {len(layers)} layers")
-    require(all(1 <= w <= model.config.hidden_size for w in widths),
-            f"slicing: widths must be in [1, {model.config.hidden_size}] (got {list(widths)})")
+    require(
+        all(1 <= w <= model.config.hidden_size for w in widths),
+        f"slicing: widths must be in [1, {model.config.hidden_size}] (got {list(widths)})",
+    )
     config = sliced_config(model.config, widths)
     dtype = model.get_input_embeddings().weight.dtype
     sliced = SlicedLlamaForCausalLM(config).to(dtype)
@@ -230,8 +263,14 @@ def slice_model(model: nn.Module, input_ids: torch.Tensor, widths: Sequence[int]
         sliced.get_output_embeddings().weight.data.copy_(model.get_output_embeddings().weight)
     sliced.model.norm.norm.weight.data.copy_(model.model.norm.weight)
     stream = _Stream()
-    sweep(model, input_ids, _slicing_visitor(sliced.model.layers, config, stream), device=device,
-          batch_size=batch_size, desc="slicing")
+    sweep(
+        model,
+        input_ids,
+        _slicing_visitor(sliced.model.layers, config, stream),
+        device=device,
+        batch_size=batch_size,
+        desc="slicing",
+    )
     _assign(sliced.model.norm.proj, stream.basis)
     return sliced.eval()
 

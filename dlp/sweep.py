@@ -160,8 +160,16 @@ class LayerContext:
 Visitor = Callable[[LayerContext], torch.Tensor]
 
 
-def sweep(model: nn.Module, input_ids: torch.Tensor, visit: Visitor, *, device: torch.device | str = "cpu",
-          batch_size: int = 1, desc: str = "sweep", captured: CapturedInputs | None = None) -> CapturedInputs:
+def sweep(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    visit: Visitor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    desc: str = "sweep",
+    captured: CapturedInputs | None = None,
+) -> CapturedInputs:
     """Visit every decoder layer in order; the visitor returns the hidden states for the next layer.
 
     Only the layer being visited is moved to ``device``; the rest of the model stays where it is. Returns the

@@ -22,23 +22,58 @@ def tiny_config(family: str, vocab_size: int = 128, layers: int = 3):
 
     common = dict(vocab_size=vocab_size, num_hidden_layers=layers)
     if family == "opt":
-        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
-                            max_position_embeddings=256, **common)
+        return tf.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=256,
+            **common,
+        )
     if family == "gpt2":  # Conv1D projections (weights stored [in, out]); token ids inside the tiny vocabulary
-        return tf.GPT2Config(n_embd=32, n_inner=64, n_head=4, n_layer=layers, n_positions=256, vocab_size=vocab_size,
-                             bos_token_id=0, eos_token_id=0)
+        return tf.GPT2Config(
+            n_embd=32,
+            n_inner=64,
+            n_head=4,
+            n_layer=layers,
+            n_positions=256,
+            vocab_size=vocab_size,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     if family == "gpt_neox":  # one fused query_key_value projection, parallel residual
-        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                max_position_embeddings=256, bos_token_id=0, eos_token_id=0, **common)
-    classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-               "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "phi3": tf.Phi3Config}
+        return tf.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
+    classes = {
+        "llama": tf.LlamaConfig,
+        "mistral": tf.MistralConfig,
+        "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config,
+        "gemma": tf.GemmaConfig,
+        "gemma2": tf.Gemma2Config,
+        "phi3": tf.Phi3Config,
+    }
     extra = {"head_dim": 8} if family in ("gemma", "gemma2", "qwen3") else {}
     if family == "gemma2":  # a window shorter than the calibration windows, so the sliding layers differ
         extra["sliding_window"] = 16
     if family == "phi3":
         extra["pad_token_id"] = 0
-    return classes[family](hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, **extra, **common)
+    return classes[family](
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+        **common,
+    )
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "opt"]
@@ -110,6 +145,23 @@ def _text_file(tmp_path, name: str, seed: int) -> str:
 @pytest.fixture
 def tiny_args(tmp_path, tiny_model_dir):
     """``train/prune.py`` arguments: the demo recipe on the tiny Llama with small local texts (add --output_dir)."""
-    return ["--config", str(DEMO_RECIPE), "--model_name_or_path", str(tiny_model_dir),
-            "--calibration_data", _text_file(tmp_path, "calib.txt", 0), "--eval_data", _text_file(tmp_path, "eval.txt", 1),
-            "--nsamples", "4", "--seqlen", "64", "--eval_seqlen", "64", "--eval_max_windows", "3", "--device", "cpu"]
+    return [
+        "--config",
+        str(DEMO_RECIPE),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--calibration_data",
+        _text_file(tmp_path, "calib.txt", 0),
+        "--eval_data",
+        _text_file(tmp_path, "eval.txt", 1),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--eval_seqlen",
+        "64",
+        "--eval_max_windows",
+        "3",
+        "--device",
+        "cpu",
+    ]

@@ -93,8 +93,13 @@ def run_case(case: dict) -> dict:
         out_file.seek(0)
         stderr = err_file.read().decode("utf-8", "replace")
         stdout = out_file.read().decode("utf-8", "replace")
-    return {"code": code, "stderr": stderr, "stdout": stdout, "elapsed": elapsed,
-            "uncaught": ("uncaught: " + uncaught) if uncaught else None}
+    return {
+        "code": code,
+        "stderr": stderr,
+        "stdout": stdout,
+        "elapsed": elapsed,
+        "uncaught": ("uncaught: " + uncaught) if uncaught else None,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -104,8 +109,11 @@ def main(argv: list[str]) -> int:
     results = {}
     for case in cases:
         results[case["id"]] = run_case(case)
-        print(f"{case['id']}: exit {results[case['id']]['code']} in {results[case['id']]['elapsed']:.2f}s",
-              file=sys.stderr, flush=True)
+        print(
+            f"{case['id']}: exit {results[case['id']]['code']} in {results[case['id']]['elapsed']:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
         with open(results_path, "w", encoding="utf-8") as handle:  # after every case: a hang keeps what ran
             json.dump(results, handle, indent=1)
     return 0

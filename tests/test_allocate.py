@@ -9,8 +9,15 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from dlp.allocate import (balance, centred, dlp_sparsities, explicit_sparsities, lr_sparsities, minmax_spread,
-                          owl_sparsities)
+from dlp.allocate import (
+    balance,
+    centred,
+    dlp_sparsities,
+    explicit_sparsities,
+    lr_sparsities,
+    minmax_spread,
+    owl_sparsities,
+)
 from dlp.errors import DlpError
 
 approx = pytest.approx
@@ -108,8 +115,9 @@ def test_explicit_from_list_tuple_and_string():
     assert out == [0.0, 0.0] and all(type(v) is float for v in out)
 
 
-@pytest.mark.parametrize("values, bad", [("1.5,0.2", "1.5"), ([0.5, -0.1], "-0.1"), ([1, 0], "1"),
-                                         ("0.995,0.5", "0.995")])
+@pytest.mark.parametrize(
+    "values, bad", [("1.5,0.2", "1.5"), ([0.5, -0.1], "-0.1"), ([1, 0], "1"), ("0.995,0.5", "0.995")]
+)
 def test_explicit_values_outside_0_and_max_layer_sparsity_are_refused(values, bad):
     """The regression: 1.5,0.2 used to be clipped to 0.99,0.2 while a warning claimed the mean stayed on target."""
     with pytest.raises(DlpError, match=rf"must be in \[0, max_layer_sparsity=0.99\] \(got {bad}\)"):

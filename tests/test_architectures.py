@@ -24,14 +24,33 @@ from test_prune_lora import ENV, SCRIPT, write_recipe
 
 LAYERS = 3
 # prunable projections per decoder layer, counted from each family's modeling code (not from dlp's detection)
-PROJECTIONS_PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7,
-                         "phi3": 4,  # fused qkv_proj, o_proj, fused gate_up_proj, down_proj
-                         "opt": 6,  # q/k/v/out_proj, fc1, fc2
-                         "gpt_neox": 4,  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h
-                         "gpt2": 4}  # Conv1D c_attn, attn.c_proj, c_fc, mlp.c_proj
-RECIPE = dict(nsamples=4, seqlen=32, sparsity=0.7, allocation="dlp", criterion="wanda",
-              eval_seqlen=32, eval_max_windows=2, train_max_windows=16, max_length=32,
-              per_device_train_batch_size=2, max_steps=3, save_steps=100, logging_steps=1)
+PROJECTIONS_PER_LAYER = {
+    "llama": 7,
+    "mistral": 7,
+    "qwen2": 7,
+    "qwen3": 7,
+    "gemma": 7,
+    "gemma2": 7,
+    "phi3": 4,  # fused qkv_proj, o_proj, fused gate_up_proj, down_proj
+    "opt": 6,  # q/k/v/out_proj, fc1, fc2
+    "gpt_neox": 4,  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    "gpt2": 4,
+}  # Conv1D c_attn, attn.c_proj, c_fc, mlp.c_proj
+RECIPE = dict(
+    nsamples=4,
+    seqlen=32,
+    sparsity=0.7,
+    allocation="dlp",
+    criterion="wanda",
+    eval_seqlen=32,
+    eval_max_windows=2,
+    train_max_windows=16,
+    max_length=32,
+    per_device_train_batch_size=2,
+    max_steps=3,
+    save_steps=100,
+    logging_steps=1,
+)
 QLORA = dict(load_in_4bit=True, merge_base="dequantized", export_4bit=True)
 # case -> (family, recipe overrides)
 CASES = {family: (family, {}) for family in ALL_FAMILIES}
@@ -81,8 +100,14 @@ def matrix(tmp_path_factory) -> dict[str, tuple[Path, str]]:
         runs[case] = root / f"{case}-run"
         jobs.append((case, str(recipe), str(runs[case])))
     status_file = root / "status.json"
-    result = subprocess.run([sys.executable, "-c", DRIVER, str(SCRIPT), json.dumps(jobs), str(status_file)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(SCRIPT), json.dumps(jobs), str(status_file)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     return {case: (runs[case], status.get(case, f"not run: {result.stderr[-2000:]}")) for case in CASES}
 

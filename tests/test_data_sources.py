@@ -41,6 +41,7 @@ def test_training_windows_stream_only_enough_of_a_hub_dataset(monkeypatch):
             for i in range(100_000):
                 served.append(i)
                 yield {"text": "x" * 98}
+
         return rows()
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
@@ -67,8 +68,10 @@ def test_builtin_sources_are_the_wikitext2_splits():
     assert set(BUILTIN_SOURCES) == {"builtin:wikitext2-valid", "builtin:wikitext2-test"}
     assert test.startswith(" = Robert Boulter = \n Robert Boulter is") and valid.count("\n") == 3760
     # the shipped file is the raw test split byte for byte (CRLF line ends in the original)
-    assert hashlib.sha256(test.replace("\n", "\r\n").encode()).hexdigest() == \
-        "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    assert (
+        hashlib.sha256(test.replace("\n", "\r\n").encode()).hexdigest()
+        == "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+    )
 
 
 def test_text_files_are_read_as_they_are_and_rows_joined_with_blank_lines(tmp_path):

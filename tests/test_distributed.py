@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -24,16 +23,29 @@ STEPS, GLOBAL_BATCH = 6, 2  # a few optimizer steps of 2 windows each, however m
 
 
 def launch(config: str, recipe: Path, out: Path, *extra: str):
-    return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "accelerate_configs" / config), str(SCRIPT), "--config", str(recipe),
-                "--output_dir", str(out), *extra])
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / config),
+            str(SCRIPT),
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one-process")
-    recipe = write_recipe(out / "recipe.yaml", tiny_model_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH,
-                          save_steps=3)
+    recipe = write_recipe(
+        out / "recipe.yaml", tiny_model_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH, save_steps=3
+    )
     result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out / "run")])
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "run"
@@ -42,11 +54,22 @@ def one_process_run(tiny_model_dir, tmp_path_factory) -> Path:
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 
 
-@pytest.mark.parametrize("config", ["ddp.yaml", pytest.param("deepspeed_zero2.yaml", marks=needs_deepspeed),
-                                    pytest.param("deepspeed_zero3.yaml", marks=needs_deepspeed)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "ddp.yaml",
+        pytest.param("deepspeed_zero2.yaml", marks=needs_deepspeed),
+        pytest.param("deepspeed_zero3.yaml", marks=needs_deepspeed),
+    ],
+)
 def test_two_processes_export_the_one_process_model(config, one_process_run, tiny_model_dir, tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, max_steps=STEPS,
-                          per_device_train_batch_size=GLOBAL_BATCH // 2, save_steps=3)
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        tiny_model_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // 2,
+        save_steps=3,
+    )
     result = launch(config, recipe, tmp_path / "run")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert result.stdout.count("[dlp] results in") == 1  # the result lines once, not once per rank
@@ -96,10 +119,13 @@ def _compare_masks(rank: int, digests: list[str], port: int, results: str) -> No
     Path(results, f"rank{rank}.txt").write_text(outcome)
 
 
-@pytest.mark.parametrize("digests, expected", [
-    (["a" * 64, "a" * 64], "ok"),
-    (["a" * 64, "b" * 64], "masks: rank 1 holds masks bbbbbbbbbbbb… but rank 0 holds aaaaaaaaaaaa…"),
-])
+@pytest.mark.parametrize(
+    "digests, expected",
+    [
+        (["a" * 64, "a" * 64], "ok"),
+        (["a" * 64, "b" * 64], "masks: rank 1 holds masks bbbbbbbbbbbb… but rank 0 holds aaaaaaaaaaaa…"),
+    ],
+)
 def test_ranks_with_different_masks_all_fail(digests, expected, tmp_path):
     port = 29600 + os.getpid() % 300
     mp.spawn(_compare_masks, args=(digests, port, str(tmp_path)), nprocs=2, join=True)
@@ -110,8 +136,9 @@ def test_ranks_with_different_masks_all_fail(digests, expected, tmp_path):
 @needs_deepspeed
 def test_sliced_model_trains_under_zero3_as_in_one_process(tiny_model_dir, tmp_path):
     """The sliced architecture (dlp's own model class) is sharded by ZeRO-3 and trains to the 1-process model."""
-    slicing = dict(method="slice", slicing=0.25, slicing_allocation="lr", slicing_multiple=1, max_steps=STEPS,
-                   save_steps=3)
+    slicing = dict(
+        method="slice", slicing=0.25, slicing_allocation="lr", slicing_multiple=1, max_steps=STEPS, save_steps=3
+    )
     one = write_recipe(tmp_path / "one.yaml", tiny_model_dir, per_device_train_batch_size=GLOBAL_BATCH, **slicing)
     result = run([sys.executable, str(SCRIPT), "--config", str(one), "--output_dir", str(tmp_path / "one")])
     assert result.returncode == 0, result.stderr[-3000:]

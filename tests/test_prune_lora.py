@@ -27,14 +27,30 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 
 def write_recipe(path: Path, model_dir: Path, **overrides) -> Path:
     fields = {
-        "model_name_or_path": str(model_dir), "dtype": "float32",
-        "calibration_data": "builtin:wikitext2-valid", "nsamples": 4, "seqlen": 32,
-        "sparsity": 0.7, "allocation": "dlp", "criterion": "wanda",
-        "eval_seqlen": 32, "eval_max_windows": 4,
-        "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-        "train_max_windows": 256, "max_length": 64, "per_device_train_batch_size": 4,
-        "max_steps": 60, "save_steps": 5, "logging_steps": 5, "learning_rate": 0.002,
-        "bf16": False, "activation_checkpointing": False, "report_to": "none", "seed": 0,
+        "model_name_or_path": str(model_dir),
+        "dtype": "float32",
+        "calibration_data": "builtin:wikitext2-valid",
+        "nsamples": 4,
+        "seqlen": 32,
+        "sparsity": 0.7,
+        "allocation": "dlp",
+        "criterion": "wanda",
+        "eval_seqlen": 32,
+        "eval_max_windows": 4,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "train_max_windows": 256,
+        "max_length": 64,
+        "per_device_train_batch_size": 4,
+        "max_steps": 60,
+        "save_steps": 5,
+        "logging_steps": 5,
+        "learning_rate": 0.002,
+        "bf16": False,
+        "activation_checkpointing": False,
+        "report_to": "none",
+        "seed": 0,
         "disable_tqdm": True,
     }
     fields.update(overrides)
@@ -60,9 +76,21 @@ def reference_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_pipeline_writes_every_artifact_and_a_consistent_report(reference_run):
-    for name in ("prune/masks.safetensors", "adapter/adapter_config.json", "adapter/training_log.json",
-                 "model/model.safetensors", "model/config.json", "model/README.md", "model/masks.safetensors",
-                 "report.json", "summary.md", "sparsity.png", "loss.png", "eval.json", "merge.json"):
+    for name in (
+        "prune/masks.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/training_log.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/README.md",
+        "model/masks.safetensors",
+        "report.json",
+        "summary.md",
+        "sparsity.png",
+        "loss.png",
+        "eval.json",
+        "merge.json",
+    ):
         assert (reference_run / name).is_file(), name
     report = json.loads((reference_run / "report.json").read_text())
     assert set(report["perplexity"]) == {"dense", "pruned", "finetuned"}
@@ -83,12 +111,14 @@ def test_export_obeys_the_masks_and_reloads_without_dlp(reference_run):
     weights = merged_weights(reference_run)
     for name, keep in masks.masks.items():
         assert (weights[f"{name}.weight"][~keep] == 0).all(), name
-    probe = (reference_run / "probe.pt")
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
-            f"m = M.from_pretrained({str(reference_run / 'model')!r}).eval(); "
-            "ids = torch.arange(40).view(2, 20) % m.config.vocab_size; "
-            f"torch.save(m(input_ids=ids).logits, {str(probe)!r}); "
-            "assert not any(k == 'dlp' or k.startswith('dlp.') for k in sys.modules)")
+    probe = reference_run / "probe.pt"
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as M; "
+        f"m = M.from_pretrained({str(reference_run / 'model')!r}).eval(); "
+        "ids = torch.arange(40).view(2, 20) % m.config.vocab_size; "
+        f"torch.save(m(input_ids=ids).logits, {str(probe)!r}); "
+        "assert not any(k == 'dlp' or k.startswith('dlp.') for k in sys.modules)"
+    )
     result = run([sys.executable, "-c", code])
     assert result.returncode == 0, result.stderr[-2000:]
     # the same logits from the adapter model built by dlp (the merge is exact)
@@ -107,8 +137,18 @@ def test_rerun_of_a_finished_run_returns_at_once(reference_run):
 
 
 def test_standalone_merge_script_reproduces_the_export(reference_run, tmp_path):
-    result = run([sys.executable, str(REPO / "train" / "merge.py"), "--base_dir", str(reference_run / "prune" / "model"),
-                  "--adapter_dir", str(reference_run / "adapter"), "--output_dir", str(tmp_path / "merged")])
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "train" / "merge.py"),
+            "--base_dir",
+            str(reference_run / "prune" / "model"),
+            "--adapter_dir",
+            str(reference_run / "adapter"),
+            "--output_dir",
+            str(tmp_path / "merged"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "0 nonzero pruned weights" in result.stdout
     ours, theirs = load_file(str(tmp_path / "merged" / "model.safetensors")), merged_weights(reference_run)
@@ -121,7 +161,11 @@ def test_killed_during_finetuning_resumes_to_the_same_model(reference_run, tiny_
     args = [sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out)]
     proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "finetune" / "checkpoint-5" / "trainer_state.json").is_file() and proc.poll() is None and time.time() < deadline:
+    while (
+        not (out / "finetune" / "checkpoint-5" / "trainer_state.json").is_file()
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -148,22 +192,29 @@ def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
         shutil.copy(reference_run / name, partial / name)
     shutil.copytree(reference_run / "prune", partial / "prune")
     recipe = reference_run.parent / "recipe.yaml"
-    result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(partial),
-                  "--learning_rate", "0.005"])
+    result = run(
+        [sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(partial), "--learning_rate", "0.005"]
+    )
     assert result.returncode == 2 and "holds a run of another recipe (learning_rate: 0.002 → 0.005)" in result.stderr
     assert sorted(p.name for p in partial.iterdir()) == [".dlp", "prune", "recipe.json"]
 
 
-@pytest.mark.parametrize("override, message", [
-    (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
-    (["--use_dora", "true"], "use_dora must be false"),
-    (["--train_data", "builtin:wikitext2-test"], "train_data must not be the evaluation text"),
-    (["--allocation", "greedy"], "allocation must be one of"),
-    (["--load_in_8bit", "true"], "load_in_8bit is not supported"),
-    (["--merge_base", "dequantized"], "merge_base dequantized needs load_in_4bit: true"),
-    (["--merge_base", "both"], "merge_base must be one of full, dequantized (got 'both')"),
-    (["--load_in_4bit", "true", "--bnb_4bit_quant_type", "int4"], "invalid choice: 'int4' (choose from 'fp4', 'nf4')"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
+        (["--use_dora", "true"], "use_dora must be false"),
+        (["--train_data", "builtin:wikitext2-test"], "train_data must not be the evaluation text"),
+        (["--allocation", "greedy"], "allocation must be one of"),
+        (["--load_in_8bit", "true"], "load_in_8bit is not supported"),
+        (["--merge_base", "dequantized"], "merge_base dequantized needs load_in_4bit: true"),
+        (["--merge_base", "both"], "merge_base must be one of full, dequantized (got 'both')"),
+        (
+            ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "int4"],
+            "invalid choice: 'int4' (choose from 'fp4', 'nf4')",
+        ),
+    ],
+)
 def test_bad_recipe_values_exit_2_with_one_line(tiny_model_dir, tmp_path, override, message):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir)
     result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(tmp_path / "x"), *override])

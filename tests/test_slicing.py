@@ -15,8 +15,14 @@ from conftest import REPO, requires_demo_model, tiny_model
 from dlp.errors import DlpError
 from dlp.merge import export_model
 from dlp.errors import ResultCheckFailed
-from dlp.slicing import (check_slicing_mean, parameter_count, principal_basis, slice_model, sliced_widths,
-                         slicing_fractions)
+from dlp.slicing import (
+    check_slicing_mean,
+    parameter_count,
+    principal_basis,
+    slice_model,
+    sliced_widths,
+    slicing_fractions,
+)
 from test_prune_lora import ENV, run, write_recipe
 
 ROTATION_TOLERANCE = 1e-4  # fp32 max |logit difference| of a rotated, unsliced model
@@ -27,8 +33,15 @@ def llama_with_scaled_norms(seed: int = 0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    fields = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+    fields = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     fields.update(config)
     model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).eval()
     with torch.no_grad():
@@ -45,6 +58,7 @@ def max_logit_diff(a, b, ids: torch.Tensor) -> float:
 
 # --- widths and fractions (hand-computed)
 
+
 def test_widths_keep_the_mean_fraction_where_rounding_each_layer_would_not():
     widths = sliced_widths([0.3] * 30, 576, 8)  # 0.7·576 = 403.2 = 50.4 units of 8
     assert widths == [408] * 12 + [400] * 18  # 12 remainders of 0.4 → +1 unit, earliest layers first
@@ -54,13 +68,13 @@ def test_widths_keep_the_mean_fraction_where_rounding_each_layer_would_not():
     assert sliced_widths([0.1, 0.2, 0.3], 40, 1) == [36, 32, 28]
 
 
-
 def test_a_mean_the_widths_cannot_reach_stops_the_run():
     """Rounding keeps the mean within one multiple: 30% of 576 over 30 layers gives 30.0%, accepted. Slicing 99%
     of a 32-wide model keeps one multiple (8) per layer, 75%: refused before any slicing, not reported as 99%."""
     assert abs(check_slicing_mean(sliced_widths([0.3] * 30, 576, 8), 576, 0.3, 8) - 0.3) < 0.001
     with pytest.raises(ResultCheckFailed, match=r"slice 75.00% of the width on average, but slicing asks 99.00%"):
         check_slicing_mean(sliced_widths([0.99] * 3, 32, 8), 32, 0.99, 8)
+
 
 def test_lr_fractions_slice_the_most_redundant_layer_most_around_the_mean():
     fractions = slicing_fractions("lr", 0.25, 3, redundancy=[0.1, 0.9, 0.5], spread=0.1)
@@ -76,20 +90,28 @@ def test_principal_basis_orders_directions_by_energy():
     assert basis.shape == (3, 2)
     assert torch.allclose(basis.abs(), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
     rotated = principal_basis(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), 1)  # eigenvalues 3 (along [1, 1]) and 1
-    assert torch.allclose(rotated.abs().flatten(), torch.full((2,), 0.5 ** 0.5, dtype=torch.float64))
+    assert torch.allclose(rotated.abs().flatten(), torch.full((2,), 0.5**0.5, dtype=torch.float64))
 
 
 # --- exactness of the rotation and the sliced architecture
 
-@pytest.mark.parametrize("config", [dict(tie_word_embeddings=True), dict(tie_word_embeddings=False),
-                                    dict(attention_bias=True, mlp_bias=True)], ids=["tied", "untied", "biases"])
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(tie_word_embeddings=True), dict(tie_word_embeddings=False), dict(attention_bias=True, mlp_bias=True)],
+    ids=["tied", "untied", "biases"],
+)
 def test_rotation_without_slicing_leaves_the_logits_unchanged(config, calib_ids):
     dense = llama_with_scaled_norms(**config)
     rotated = slice_model(dense, calib_ids, [32, 32, 32], batch_size=2)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     assert max_logit_diff(dense, rotated, ids) <= ROTATION_TOLERANCE
-    assert any(not torch.allclose(a.weight, b.weight) for a, b in  # it did rotate (the weights changed)
-               zip([dense.model.layers[1].self_attn.q_proj], [rotated.model.layers[1].self_attn.q_proj]))
+    assert any(
+        not torch.allclose(a.weight, b.weight)
+        for a, b in zip(  # it did rotate (the weights changed)
+            [dense.model.layers[1].self_attn.q_proj], [rotated.model.layers[1].self_attn.q_proj]
+        )
+    )
 
 
 def test_sliced_model_has_the_allocated_shapes_and_fewer_parameters(calib_ids):
@@ -99,7 +121,10 @@ def test_sliced_model_has_the_allocated_shapes_and_fewer_parameters(calib_ids):
     assert block.self_attn.q_proj.weight.shape == (32, 16) and block.self_attn.o_proj.weight.shape == (16, 32)
     assert block.mlp.gate_proj.weight.shape == (64, 16) and block.mlp.down_proj.weight.shape == (20, 64)
     assert block.attn_shortcut.weight.shape == (16, 16) and block.mlp_shortcut.weight.shape == (20, 16)
-    assert sliced.model.layers[0].input_proj.weight.shape == (24, 32) and sliced.model.norm.proj.weight.shape == (32, 20)
+    assert sliced.model.layers[0].input_proj.weight.shape == (24, 32) and sliced.model.norm.proj.weight.shape == (
+        32,
+        20,
+    )
     assert parameter_count(sliced, embeddings=False) < parameter_count(dense, embeddings=False)
     assert sliced.lm_head.weight is sliced.model.embed_tokens.weight  # tied embeddings stay tied
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -118,8 +143,9 @@ def test_slicing_does_not_depend_on_the_calibration_batch_size(calib_ids):
 def test_more_width_keeps_the_model_closer_to_dense(calib_ids):
     """On the calibration windows themselves the sliced-off energy shrinks as the width grows."""
     dense = llama_with_scaled_norms()
-    errors = [max_logit_diff(dense, slice_model(dense, calib_ids, [w] * 3, batch_size=4), calib_ids)
-              for w in (8, 16, 24, 32)]
+    errors = [
+        max_logit_diff(dense, slice_model(dense, calib_ids, [w] * 3, batch_size=4), calib_ids) for w in (8, 16, 24, 32)
+    ]
     assert errors[-1] <= ROTATION_TOLERANCE and errors[0] > errors[-1]
 
 
@@ -140,13 +166,16 @@ def test_export_reloads_without_dlp_with_identical_logits(calib_ids, tiny_model_
     assert (target / "modeling_sliced_llama.py").is_file() and config["model_type"] == "sliced_llama"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sliced_llama.SlicedLlamaForCausalLM"
     probe = tmp_path / "logits.pt"
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
-            f"m = M.from_pretrained({str(target)!r}, trust_remote_code=True).eval(); "
-            "ids = torch.arange(40).view(2, 20) % 128; "
-            f"torch.save(m(input_ids=ids).logits, {str(probe)!r}); "
-            "assert not any(k == 'dlp' or k.startswith('dlp.') for k in sys.modules), 'dlp was imported'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                            timeout=300)
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM as M; "
+        f"m = M.from_pretrained({str(target)!r}, trust_remote_code=True).eval(); "
+        "ids = torch.arange(40).view(2, 20) % 128; "
+        f"torch.save(m(input_ids=ids).logits, {str(probe)!r}); "
+        "assert not any(k == 'dlp' or k.startswith('dlp.') for k in sys.modules), 'dlp was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with torch.no_grad():
         expected = sliced(input_ids=torch.arange(40).view(2, 20) % 128).logits
@@ -160,6 +189,7 @@ def test_only_llama_architectures_are_sliced(calib_ids):
 
 # --- scripts
 
+
 def test_slice_script_rejects_bad_values_with_one_line(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, slicing=1.2)
     result = run([sys.executable, str(REPO / "train" / "slice.py"), "--config", str(recipe)])
@@ -172,19 +202,44 @@ def test_slice_script_rejects_bad_values_with_one_line(tiny_model_dir, tmp_path)
 @pytest.fixture(scope="module")
 def sliced_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sliced")
-    recipe = write_recipe(out / "recipe.yaml", tiny_model_dir, method="slice", slicing=0.25, slicing_allocation="lr",
-                          slicing_spread=0.1, slicing_multiple=1, max_steps=30)
-    result = run([sys.executable, str(REPO / "train" / "prune_lora.py"), "--config", str(recipe),
-                  "--output_dir", str(out / "run")])
+    recipe = write_recipe(
+        out / "recipe.yaml",
+        tiny_model_dir,
+        method="slice",
+        slicing=0.25,
+        slicing_allocation="lr",
+        slicing_spread=0.1,
+        slicing_multiple=1,
+        max_steps=30,
+    )
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "train" / "prune_lora.py"),
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(out / "run"),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "run"
 
 
 def test_slice_then_lora_pipeline_exports_a_smaller_model_that_reloads(sliced_lora_run):
     run_dir = sliced_lora_run
-    for name in ("slice/model/modeling_sliced_llama.py", "slice/report.json", "slice/widths.png",
-                 "adapter/adapter_config.json", "model/modeling_sliced_llama.py", "model/README.md", "report.json",
-                 "summary.md", "widths.png", "loss.png"):
+    for name in (
+        "slice/model/modeling_sliced_llama.py",
+        "slice/report.json",
+        "slice/widths.png",
+        "adapter/adapter_config.json",
+        "model/modeling_sliced_llama.py",
+        "model/README.md",
+        "report.json",
+        "summary.md",
+        "widths.png",
+        "loss.png",
+    ):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "model" / "masks.safetensors").exists()
     report = json.loads((run_dir / "report.json").read_text())
@@ -195,14 +250,30 @@ def test_slice_then_lora_pipeline_exports_a_smaller_model_that_reloads(sliced_lo
     assert report["merge"]["max_logit_diff"] <= 1e-4
     assert report["perplexity"]["finetuned"]["value"] < report["perplexity"]["sliced"]["value"]
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert "trust_remote_code=True" in (run_dir / "model" / "README.md").read_text()
 
 
 def test_method_slice_refuses_a_4bit_base(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, method="slice", load_in_4bit=True)
-    result = run([sys.executable, str(REPO / "train" / "prune_lora.py"), "--config", str(recipe),
-                  "--output_dir", str(tmp_path / "run")])
+    result = run(
+        [
+            sys.executable,
+            str(REPO / "train" / "prune_lora.py"),
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert result.returncode == 2 and "load_in_4bit is supported with method prune only" in result.stderr
 
 
@@ -214,13 +285,16 @@ def test_smollm2_rotation_without_slicing_keeps_its_logits():
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     calib = load_calibration(tokenizer, "builtin:wikitext2-valid", 4, 128, 0, "train")
-    rotated = slice_model(model, calib.input_ids, [model.config.hidden_size] * model.config.num_hidden_layers,
-                          batch_size=4)
+    rotated = slice_model(
+        model, calib.input_ids, [model.config.hidden_size] * model.config.num_hidden_layers, batch_size=4
+    )
     ids = calib.input_ids[:2, :64]
     diff = max_logit_diff(model, rotated, ids)
     with torch.no_grad():  # for scale: the dense model against itself, one window alone vs in a batch of two
         floor = float((model(input_ids=ids[:1]).logits - model(input_ids=ids).logits[:1]).abs().max())
         scale = float(model(input_ids=ids).logits.abs().max())
-    print(f"SmolLM2 rotated, unsliced: max |logit difference| {diff:.3g} (logits up to {scale:.1f}; "
-          f"dense batch-1 vs batch-2: {floor:.3g})")  # shown with pytest -s
+    print(
+        f"SmolLM2 rotated, unsliced: max |logit difference| {diff:.3g} (logits up to {scale:.1f}; "
+        f"dense batch-1 vs batch-2: {floor:.3g})"
+    )  # shown with pytest -s
     assert diff <= 1e-3, diff  # 30 blocks of fp32 rounding on logits of magnitude ~20

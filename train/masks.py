@@ -1,8 +1,8 @@
 """Inspect, verify or apply a dlp mask file.
 
-    python train/masks.py report  --masks out/masks.safetensors
-    python train/masks.py verify  --masks out/masks.safetensors --model out/model
-    python train/masks.py apply   --masks out/masks.safetensors --model some/dense/model --output_dir out/applied
+python train/masks.py report  --masks out/masks.safetensors
+python train/masks.py verify  --masks out/masks.safetensors --model out/model
+python train/masks.py apply   --masks out/masks.safetensors --model some/dense/model --output_dir out/applied
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masks", required=True, help="a masks.safetensors written by dlp")
     parser.add_argument("--model", help="model id or directory (verify, apply)")
     parser.add_argument("--output_dir", help="where apply saves the masked model (new, empty, or written by dlp)")
-    parser.add_argument("--force", action="store_true", help="apply/verify even if the model is not the kind the "
-                        "masks were made for (another architecture or layer count, modules without a mask): loudly")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="apply/verify even if the model is not the kind the "
+        "masks were made for (another architecture or layer count, modules without a mask): loudly",
+    )
     one_line_parse_errors(parser)
     args = parser.parse_args(argv)
     if args.command == "apply":
@@ -38,8 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     report = masks.sparsity_report()
     if args.command == "report":
         meta = {k: masks.metadata.get(k) for k in ("model", "seed", "calibration_sha256", "layer_sparsities")}
-        print(json.dumps({"digest": masks.digest(), "overall": report["overall"], "weights": report["weights"],
-                          **meta, "modules": report["modules"]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "digest": masks.digest(),
+                    "overall": report["overall"],
+                    "weights": report["weights"],
+                    **meta,
+                    "modules": report["modules"],
+                },
+                indent=2,
+            )
+        )
         return 0
     require(args.model is not None, f"--model is required for {args.command}")
     from dlp.modeling import load_model_and_tokenizer
@@ -51,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.command == "verify":
         bad = masks.violations(model)
-        print(f"{bad} masked weights are non-zero; overall mask sparsity {100 * report['overall']:.2f}%, "
-              f"the model's prunable weights are {100 * zero_fraction(model):.2f}% zero")
+        print(
+            f"{bad} masked weights are non-zero; overall mask sparsity {100 * report['overall']:.2f}%, "
+            f"the model's prunable weights are {100 * zero_fraction(model):.2f}% zero"
+        )
         return 0 if bad == 0 else 1
     masks.apply(model)
     with atomic_dir(args.output_dir) as tmp:

@@ -35,12 +35,20 @@ class MergeArguments:
     adapter_dir: str = field(metadata={"help": "The adapter directory (e.g. RUN/adapter or a checkpoint)."})
     output_dir: str = field(metadata={"help": "Where to write the merged model."})
     masks: str | None = field(default=None, metadata={"help": "masks.safetensors (default: beside base_dir)."})
-    dtype: str = field(default="float32", metadata={"help": "Load and merge in this dtype: float32, bfloat16, float16."})
-    merge_base: str = field(default="full", metadata={
-        "help": f"QLoRA adapters: merge into the full-precision pruned weights or the dequantized 4-bit ones: "
-                f"{', '.join(MERGE_BASES)}."})
-    probe_data: str | None = field(default="builtin:wikitext2-valid", metadata={
-        "help": "Text whose first windows check merged vs adapter logits; empty to skip the check."})
+    dtype: str = field(
+        default="float32", metadata={"help": "Load and merge in this dtype: float32, bfloat16, float16."}
+    )
+    merge_base: str = field(
+        default="full",
+        metadata={
+            "help": f"QLoRA adapters: merge into the full-precision pruned weights or the dequantized 4-bit ones: "
+            f"{', '.join(MERGE_BASES)}."
+        },
+    )
+    probe_data: str | None = field(
+        default="builtin:wikitext2-valid",
+        metadata={"help": "Text whose first windows check merged vs adapter logits; empty to skip the check."},
+    )
 
     def __post_init__(self) -> None:
         require_choice("merge_base", self.merge_base, MERGE_BASES)
@@ -56,8 +64,10 @@ def main(argv: list[str] | None = None):
     probe = load_training_windows(tokenizer, args.probe_data, 128, max_windows=2) if args.probe_data else None
     merged, check = merge_masked(model, masks, probe)
     export_model(merged, tokenizer, masks, args.output_dir)
-    print(f"[dlp] merged {check.lora_layers} mask-exact LoRA layers into {args.output_dir}: "
-          f"{check.violations} nonzero pruned weights, max |Δlogit| {check.max_logit_diff}")
+    print(
+        f"[dlp] merged {check.lora_layers} mask-exact LoRA layers into {args.output_dir}: "
+        f"{check.violations} nonzero pruned weights, max |Δlogit| {check.max_logit_diff}"
+    )
     return check
 
 

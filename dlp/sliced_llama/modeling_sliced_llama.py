@@ -22,8 +22,13 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel,
-                                                      LlamaRMSNorm)
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    LlamaRMSNorm,
+)
 
 
 class SlicedLlamaConfig(LlamaConfig):
@@ -97,16 +102,29 @@ class SlicedLlamaDecoderLayer(GradientCheckpointingLayer):
         self.mlp.down_proj = _linear(config.intermediate_size, d_out, config.mlp_bias)
         self.mlp_shortcut = _linear(d_mid, d_out, False)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache=None, use_cache: bool | None = False,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         if cache is None:  # transformers < 5.40 may still pass the cache under its old name
             cache = kwargs.pop("past_key_values", None)
         if self.input_proj is not None:
             hidden_states = self.input_proj(hidden_states)
-        attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
-                                      position_embeddings=position_embeddings, **kwargs)
+        attention, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
         hidden_states = self.attn_shortcut(hidden_states) + attention
         return self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states))
 
