@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -34,14 +35,29 @@ _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool mask of any shape → uint8 [ceil(numel / 8)] on the mask's device (see the module docstring)."""
+    """bool mask of any shape → uint8 [ceil(numel / 8)] on the mask's device (the layout: see the module docstring).
+
+    On the CPU numpy's packbits computes it (two orders of magnitude faster than the shift-and-sum below, which
+    serves masks on an accelerator); tests hold the two to the same bytes."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy().astype(np.uint8, copy=False)))
+    return _pack_bits_torch(mask)
+
+
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: the bool mask of ``shape``, on the bits' device."""
+    if bits.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(bits.numpy(), count=math.prod(shape)).view(bool).reshape(shape))
+    return _unpack_bits_torch(bits, shape)
+
+
+def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.reshape(-1).to(torch.uint8)
     padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).view(-1, 8)
     return (padded << _BIT_SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
 
 
-def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """The inverse of :func:`pack_bits`: the bool mask of ``shape``, on the bits' device."""
+def _unpack_bits_torch(bits: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     unpacked = (bits.unsqueeze(-1) >> _BIT_SHIFTS.to(bits.device)) & 1
     return unpacked.view(-1)[: math.prod(shape)].view(*shape).bool()
 

@@ -40,11 +40,6 @@ class StageReport:
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
 
-    @property
-    def compressed_perplexity(self) -> dict[str, Any]:
-        """The perplexity entry of the compressed model (the last one the stage measured)."""
-        return list(self.perplexity.values())[-1]
-
 
 @dataclass
 class PruneReport(StageReport):

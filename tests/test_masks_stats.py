@@ -467,7 +467,7 @@ def test_builtin_wikitext2_valid():
 def test_mask_bits_one_layout_hand_cases_and_numpy_packbits():
     """One bit layout for the file, the digest and mask-exact LoRA: row-major, MSB first, zero-padded at the end."""
 
-    from dlp.masks import pack_bits, unpack_bits
+    from dlp.masks import _pack_bits_torch, _unpack_bits_torch, pack_bits, unpack_bits
 
     assert pack_bits(torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)).tolist() == [0b10110000, 0b10000000]
     assert pack_bits(torch.tensor([[1, 0, 1], [1, 0, 0]], dtype=torch.bool)).tolist() == [
@@ -480,3 +480,5 @@ def test_mask_bits_one_layout_hand_cases_and_numpy_packbits():
         assert bits.dtype == torch.uint8 and bits.numel() == (mask.numel() + 7) // 8
         assert bits.numpy().tobytes() == np.packbits(mask.numpy().astype(np.uint8)).tobytes()  # the files' layout
         assert torch.equal(unpack_bits(bits, shape), mask)
+        assert torch.equal(_pack_bits_torch(mask), bits)  # the accelerator path: the same bytes
+        assert torch.equal(_unpack_bits_torch(bits, shape), mask)
