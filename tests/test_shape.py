@@ -169,3 +169,15 @@ def test_renamed_recipes_load_under_their_old_path_with_a_deprecation_line(capsy
     assert "deprecated: recipe" in capsys.readouterr().out
     with pytest.raises(DlpError, match="config: cannot read"):
         parse_config(types, ["--config", str(old.with_name("never_existed.yaml"))])
+
+
+def test_the_pruner_old_import_path_still_works_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import dlp.pruner
+
+    sys.modules.pop("dlp.layerwise", None)
+    with pytest.warns(DeprecationWarning, match="dlp.layerwise is deprecated: import from dlp.pruner"):
+        layerwise = importlib.import_module("dlp.layerwise")
+    assert layerwise.score_layers is dlp.pruner.score_layers and layerwise.PruneSpec is PruneSpec
