@@ -286,6 +286,49 @@ class FinetuneArguments:
         require_choice("method", self.method, tuple(METHODS))
 
 
+TEACHER_MODES = ("online", "cached")
+
+
+@dataclass
+class DistillationArguments:
+    """Recovery with a teacher: the loss becomes (1 − w)·LM + w·T²·KL(teacher ‖ student) (see dlp/distill.py)."""
+
+    teacher: str = field(
+        default="none",
+        metadata={
+            "help": "none (plain LM loss), dense (the model this run compresses, before compression) or a model id / "
+            "directory with the same tokenizer."
+        },
+    )
+    teacher_mode: str = field(
+        default="online",
+        metadata={
+            "help": "online: the teacher runs beside the student on every batch; cached: its top-k log-probabilities "
+            "for every training window are computed once into output_dir/teacher/ (training then holds no teacher)."
+        },
+    )
+    distill_weight: float = field(default=0.5, metadata={"help": "w: the KL term's share of the loss, in [0, 1]."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "T: softmax temperature of both sides, > 0."})
+    distill_top_k: int = field(
+        default=128, metadata={"help": "cached mode: teacher log-probabilities kept per position (the rest: one tail)."}
+    )
+
+    def __post_init__(self) -> None:
+        require_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
+        require(0.0 <= self.distill_weight <= 1.0, f"distill_weight must be in [0, 1] (got {self.distill_weight})")
+        require(self.distill_temperature > 0, f"distill_temperature must be > 0 (got {self.distill_temperature})")
+        require(self.distill_top_k >= 1, f"distill_top_k must be >= 1 (got {self.distill_top_k})")
+        require(self.teacher.strip() != "", "teacher must be none, dense or a model id or directory (got '')")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher != "none"
+
+    def teacher_id(self, model_id: str) -> str:
+        """The teacher's model id or directory (``dense``: the model the run compresses)."""
+        return model_id if self.teacher == "dense" else self.teacher
+
+
 @dataclass
 class RunArguments:
     """Where results go (``train/prune.py``; the fine-tuning script takes these from its training arguments)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import FinetuneArguments
 from .data import load_training_windows
+from .distill import distilling_trainer
 from .errors import DlpError, require
 from .lora import attach_masks
 from .masks import MaskSet
@@ -78,13 +79,11 @@ def masked_lora_model(
     return peft_model
 
 
-def training_dataset(tokenizer, ft_args: FinetuneArguments, seqlen: int):
-    from datasets import Dataset
-
-    windows = load_training_windows(
+def training_windows(tokenizer, ft_args: FinetuneArguments, seqlen: int):
+    """The fine-tuning windows ``[n, seqlen]`` (consecutive, from the start of the text)."""
+    return load_training_windows(
         tokenizer, ft_args.train_data, seqlen, ft_args.train_split, ft_args.train_max_windows or None
     )
-    return Dataset.from_dict({"input_ids": windows.tolist()})
 
 
 @dataclass
@@ -118,17 +117,29 @@ def last_checkpoint(directory: Path) -> str | None:
     return None
 
 
-def train(peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args) -> tuple[Any, TrainResult]:
-    """Train with ``SFTTrainer``; ``sft_args.output_dir`` holds the checkpoints and is resumed from."""
+def train(
+    peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args, distillation=None
+) -> tuple[Any, TrainResult]:
+    """Train with ``SFTTrainer``; ``sft_args.output_dir`` holds the checkpoints and is resumed from.
+
+    ``distillation``: ``(teacher_for(windows), weight, temperature)`` to train with the distillation loss
+    (:mod:`dlp.distill`); the teacher is built from the training windows (a cached one indexes them)."""
+    from datasets import Dataset
     from trl import SFTTrainer
 
     if tokenizer.pad_token is None:  # windows are all full, but the collator insists on a pad id
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    dataset = training_dataset(tokenizer, ft_args, sft_args.max_length)
+    windows = training_windows(tokenizer, ft_args, sft_args.max_length)
+    dataset = Dataset.from_dict({"input_ids": windows.tolist()})
+    trainer_class, extra = SFTTrainer, {}
+    if distillation is not None:
+        teacher_for, weight, temperature = distillation
+        trainer_class = distilling_trainer(SFTTrainer)
+        extra = {"teacher": teacher_for(windows), "weight": weight, "temperature": temperature}
     resume = last_checkpoint(Path(sft_args.output_dir))
     if resume:
         print(f"[dlp] resuming fine-tuning from {resume}")
-    trainer = SFTTrainer(model=peft_model, args=sft_args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_class(model=peft_model, args=sft_args, train_dataset=dataset, processing_class=tokenizer, **extra)
     start = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=resume)

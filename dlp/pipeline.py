@@ -34,16 +34,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import CalibrationArguments, EvalArguments, FinetuneArguments, RunArguments
+from .config import CalibrationArguments, DistillationArguments, EvalArguments, FinetuneArguments, RunArguments
 from .data import check_source, load_training_windows
 from .distributed import check_same_masks, describe_zero3_shards, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
 from .evaluate import perplexity
-from .finetune import check_lora_args, masked_lora_model, train
+from .distill import CACHE_DIR, CachedTeacher, OnlineTeacher, build_teacher_cache, cache_complete, cache_key
+from .finetune import check_lora_args, masked_lora_model, train, training_windows
 from .io import TEMP_PREFIX, atomic_write_json, claim_dir, mark_dir, read_json, start_output_dir
 from .masks import MaskSet
 from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
 from .modeling import load_model_and_tokenizer
+from .preflight import ModelPlan, check_teacher
 from .process import resolve_device
 from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout
 from .report import write_finetune_report
@@ -74,6 +76,7 @@ def run_prune_lora(
     eval_args: EvalArguments,
     ft_args: FinetuneArguments,
     sft_args,
+    distill_args: DistillationArguments | None = None,
 ) -> FinetuneReport:
     """Run (or resume) the whole pipeline into ``sft_args.output_dir``; return the final report.
 
@@ -86,15 +89,21 @@ def run_prune_lora(
     method = get_method(ft_args.method)
     margs = method_args[method.name]
     calib_args.seeded(sft_args.seed)
+    distill_args = distill_args or DistillationArguments()
     _check_training_settings(model_args, method, eval_args, ft_args, sft_args)
     finished = finished_report(out, ft_args.overwrite, announce=state.is_main_process)
     if finished is not None:
         return FinetuneReport.from_dict(finished)
-    _check_pipeline_settings(model_args, method, calib_args, margs, eval_args, ft_args, sft_args)
+    plan = _check_pipeline_settings(model_args, method, calib_args, margs, eval_args, ft_args, sft_args)
+    if distill_args.enabled and distill_args.teacher != "dense":
+        check_teacher(plan, distill_args.teacher)
     if state.is_main_process:
         start_output_dir(out, ft_args.overwrite)
     state.wait_for_everyone()
-    _claim_output_dir(out, _recipe(model_args, method, calib_args, margs, eval_args, ft_args, sft_args), state)
+    recipe = _recipe(model_args, method, calib_args, margs, eval_args, ft_args, sft_args)
+    if distill_args.enabled:  # recorded only when used: a plain run's recipe.json stays as it was
+        recipe["distillation"] = json.loads(json.dumps(asdict(distill_args)))
+    _claim_output_dir(out, recipe, state)
 
     stage_dir, stage_report = _compress_stage(
         method,
@@ -107,12 +116,24 @@ def run_prune_lora(
     masks = method.masks(stage_dir)
     if masks is not None:
         check_same_masks(masks.digest(), state)
+    distillation = None
     if not (out / "adapter" / "adapter_config.json").is_file():
-        _finetune_stage(model_args, method, ft_args, sft_args, stage_dir, masks, out, state)
+        distillation = _distillation(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir, out, state)
+        _finetune_stage(model_args, method, ft_args, sft_args, stage_dir, masks, out, state, distillation)
     if state.is_main_process:
         with zero3_init_disabled():
             _merge_export_evaluate(
-                model_args, method, calib_args, eval_args, ft_args, sft_args, stage_dir, stage_report, masks, out
+                model_args,
+                method,
+                calib_args,
+                eval_args,
+                ft_args,
+                sft_args,
+                stage_dir,
+                stage_report,
+                masks,
+                out,
+                _distillation_summary(model_args, distill_args, out),
             )
     state.wait_for_everyone()
     return FinetuneReport.from_dict(read_json(out / "report.json"))
@@ -145,15 +166,75 @@ def _check_training_settings(model_args, method: CompressionMethod, eval_args, f
         )
 
 
+def _load_teacher(model_args, teacher_id: str):
+    """The teacher model, whole on this process (never ZeRO-3-partitioned: it only runs forward passes), in the
+    run's dtype, or 4-bit like the student's base in a QLoRA run."""
+    with zero3_init_disabled():
+        teacher, _ = load_model_and_tokenizer(
+            teacher_id, model_args.dtype or "float32", model_args.attn_implementation or "sdpa", bnb_config(model_args)
+        )
+    keep_canonical_4bit_layout(teacher)
+    return teacher
+
+
+def _distillation(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir: Path, out: Path, state):
+    """``(teacher_for(windows), weight, temperature)`` for :func:`dlp.finetune.train`, or None without a teacher.
+
+    Cached mode first makes sure ``out/teacher/`` holds the teacher's top-k for every training window (a resumable
+    stage on the main process; the others wait), so training loads no teacher at all."""
+    if not distill_args.enabled:
+        return None
+    teacher_id = distill_args.teacher_id(model_args.model_name_or_path)
+    weight, temperature = distill_args.distill_weight, distill_args.distill_temperature
+    if distill_args.teacher_mode == "online":
+        return (lambda _windows: OnlineTeacher(_load_teacher(model_args, teacher_id), temperature)), weight, temperature
+    cache_dir = out / CACHE_DIR
+    if state.is_main_process:
+        from transformers import AutoTokenizer
+
+        windows = training_windows(AutoTokenizer.from_pretrained(stage_dir / "model"), ft_args, sft_args.max_length)
+        key = cache_key(windows, teacher_id, distill_args.distill_top_k, temperature)
+        if not cache_complete(cache_dir, key):
+            build_teacher_cache(
+                _load_teacher(model_args, teacher_id),
+                windows,
+                cache_dir,
+                key=key,
+                top_k=distill_args.distill_top_k,
+                temperature=temperature,
+                device=resolve_device(calib_args.device),
+            )
+    state.wait_for_everyone()
+    return (lambda windows: CachedTeacher(cache_dir, windows)), weight, temperature
+
+
+def _distillation_summary(model_args, distill_args, out: Path) -> dict[str, Any] | None:
+    """What the report says of the teacher: who, how (mode, loss mix) and, cached, what the cache holds."""
+    if not distill_args.enabled:
+        return None
+    summary = {
+        "teacher": distill_args.teacher_id(model_args.model_name_or_path),
+        "mode": distill_args.teacher_mode,
+        "weight": distill_args.distill_weight,
+        "temperature": distill_args.distill_temperature,
+        "loss": "(1 - weight) * LM + weight * temperature^2 * KL(teacher || student)",
+    }
+    if distill_args.teacher_mode == "cached":
+        manifest = read_json(out / CACHE_DIR / "manifest.json") or {}
+        summary["cache"] = {key: manifest.get(key) for key in ("windows", "seqlen", "top_k", "shards")}
+    return summary
+
+
 def _check_pipeline_settings(
     model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args
-) -> None:
+) -> ModelPlan:
     """Every check that needs the model's config but not its weights, before any stage runs (see preflight.py)."""
     plan = method.check_settings(model_args, calib_args, margs, eval_args, max_length=sft_args.max_length)
     reuse = getattr(ft_args, method.reuse_field or "", None)
     if reuse:
         method.check_reuse(plan, Path(reuse))
     check_source(ft_args.train_data, "train_data")
+    return plan
 
 
 def _recipe(model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args) -> dict[str, Any]:
@@ -238,7 +319,15 @@ def _compress_stage(
 
 
 def _finetune_stage(
-    model_args, method: CompressionMethod, ft_args, sft_args, stage_dir: Path, masks: MaskSet | None, out: Path, state
+    model_args,
+    method: CompressionMethod,
+    ft_args,
+    sft_args,
+    stage_dir: Path,
+    masks: MaskSet | None,
+    out: Path,
+    state,
+    distillation=None,
 ) -> None:
     quantization = bnb_config(model_args)
     model, tokenizer = load_model_and_tokenizer(
@@ -260,7 +349,7 @@ def _finetune_stage(
         claim_dir(out / "finetune")  # marked as dlp's, so --overwrite may remove the trainer's checkpoints
     state.wait_for_everyone()
     try:
-        trainer, result = train(peft_model, tokenizer, ft_args, sft_args)
+        trainer, result = train(peft_model, tokenizer, ft_args, sft_args, distillation)
     finally:
         sft_args.output_dir = run_dir
     staging = out / f"{TEMP_PREFIX}adapter"
@@ -287,6 +376,7 @@ def _merge_export_evaluate(
     stage_report: StageReport,
     masks: MaskSet | None,
     out: Path,
+    distillation: dict[str, Any] | None = None,
 ) -> None:
     dtype = model_args.dtype or "float32"
     merge_info = read_json(out / "merge.json")
@@ -322,6 +412,7 @@ def _merge_export_evaluate(
         evaluation,
         read_json(out / "adapter" / "training_log.json"),
     )
+    report.distillation = distillation
     write_finetune_report(out, out / "model", report)
 
 

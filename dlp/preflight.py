@@ -33,6 +33,7 @@ class ModelPlan:
     max_positions: int | None  # config.max_position_embeddings (n_positions for GPT-2), if the config has one
     learned_positions: bool  # a position table (OPT, GPT-2): no token may sit beyond it
     shapes: dict[str, tuple[int, int]]  # every prunable module's logical [out, in] shape
+    vocab_size: int = 0  # rows of the output embedding (the next-token distribution's size)
 
 
 def _learned_position_table(model: nn.Module, layers: nn.ModuleList) -> bool:
@@ -75,6 +76,7 @@ def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
         max_positions if isinstance(max_positions, int) else None,
         _learned_position_table(model, layers),
         {name: logical_shape(module) for name, module in prunable_linears(model).items()},
+        model.get_output_embeddings().weight.shape[0],
     )
 
 
@@ -126,3 +128,14 @@ def check_masks_fit(
             tuple(shapes[name]) == shape,
             f"{field}: {name} has shape {shape} in {model_field} but {tuple(shapes[name])} in the masks",
         )
+
+
+def check_teacher(student: ModelPlan, teacher_id: str) -> ModelPlan:
+    """A distillation teacher must predict over the student's vocabulary (the same tokenizer, in practice)."""
+    teacher = inspect_model(teacher_id)
+    require(
+        teacher.vocab_size == student.vocab_size,
+        f"teacher: {teacher_id!r} predicts over {teacher.vocab_size} tokens but the model over "
+        f"{student.vocab_size}; distillation needs the same tokenizer",
+    )
+    return teacher

@@ -62,10 +62,18 @@ def plot_layer_sparsity(
     return _save_png(fig, path)
 
 
-def plot_loss(path: Path, steps: list[int], losses: list[float], title: str) -> Path:
+def plot_loss(
+    path: Path, steps: list[int], losses: list[float], title: str, parts: dict[str, list[float]] | None = None
+) -> Path:
+    """The training loss over the steps; ``parts`` (e.g. a distillation loss's LM and KL terms) drawn beside it."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    ax.plot(steps, losses, color="#4C72B0", marker="." if len(steps) < 40 else None, linewidth=1.2)
+    marker = "." if len(steps) < 40 else None
+    ax.plot(steps, losses, color="#4C72B0", marker=marker, linewidth=1.2, label="loss")
+    for (name, values), color in zip((parts or {}).items(), ("#DD8452", "#55A868")):
+        ax.plot(steps, values, color=color, marker=marker, linewidth=1.0, linestyle="--", label=name)
+    if parts:
+        ax.legend(fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
@@ -125,11 +133,24 @@ def summary_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines + _layer_table(report))
 
 
+def _distillation_lines(report: dict[str, Any]) -> list[str]:
+    distill = report.get("distillation")
+    if not distill:
+        return []
+    cache = distill.get("cache")
+    return [
+        f"- distillation: teacher `{distill['teacher']}` ({distill['mode']}"
+        + (f", top-{cache['top_k']} log-probabilities of {cache['windows']} windows cached" if cache else "")
+        + f"); loss = (1 − {distill['weight']})·LM + {distill['weight']}·T²·KL(teacher ‖ student), "
+        f"T = {distill['temperature']}"
+    ]
+
+
 def _finetune_lines(report: dict[str, Any]) -> list[str]:
     """The LoRA and training lines shared by the cards of pruned and of sliced models."""
     cfg, train = report["config"], report["training"]
     lora, hyper = cfg["lora"], cfg["training"]
-    return [
+    return _distillation_lines(report) + [
         f"- LoRA: r={lora['lora_r']}, alpha={lora['lora_alpha']}, dropout={lora['lora_dropout']}, "
         f"targets {lora['lora_target_modules'] or 'every projection of each block'}",
         f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
@@ -357,9 +378,11 @@ def write_finetune_report(output_dir: Path, model_dir: Path, report: FinetuneRep
     """Plots and card into the run directory and the exported model directory; ``report.json`` last."""
     data = report.to_dict()
     view = CARD_VIEWS.get(report.method, GENERIC_VIEW)
-    steps = [e["step"] for e in report.log_history if "loss" in e]
-    losses = [e["loss"] for e in report.log_history if "loss" in e]
-    plots = [plot_loss(output_dir / "loss.png", steps, losses, "LoRA: training loss")]
+    logged = [e for e in report.log_history if "loss" in e]
+    steps, losses = [e["step"] for e in logged], [e["loss"] for e in logged]
+    parts = {name: [e[name] for e in logged] for name in ("lm_loss", "kd_loss") if all(name in e for e in logged)}
+    title = "LoRA with distillation: training loss" if report.distillation else "LoRA: training loss"
+    plots = [plot_loss(output_dir / "loss.png", steps, losses, title, parts if report.distillation else None)]
     if view.plot is not None:
         plots.insert(0, view.plot(output_dir / view.plot_name, data))
     for plot in plots:  # the card in model/ shows the same images: copy them rather than draw them twice

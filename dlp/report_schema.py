@@ -81,6 +81,7 @@ class FinetuneReport:
     log_history: list[dict[str, Any]]
     timings: dict[str, float]
     compression: dict[str, Any] = field(default_factory=dict)
+    distillation: dict[str, Any] | None = None  # the teacher, its mode and the loss mix (None: plain LM loss)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -12,15 +12,15 @@ CHECK = """
 import sys
 from pathlib import Path
 from trl import ModelConfig, SFTConfig
-from dlp.config import (CalibrationArguments, EvalArguments, FinetuneArguments, PruneArguments, RunArguments,
-                        SliceArguments, parse_config)
+from dlp.config import (CalibrationArguments, DistillationArguments, EvalArguments, FinetuneArguments,
+                        PruneArguments, RunArguments, SliceArguments, parse_config)
 from dlp.quantize import bnb_config
 for recipe in sorted(Path("recipes").glob("*/*.yaml")):
     finetunes = "lora" in recipe.stem  # train/prune_lora.py (which takes every method's fields)
     slices = "_slice_" in recipe.stem  # train/slice.py; other recipes are train/prune.py's
     methods = [PruneArguments, SliceArguments] if finetunes else [SliceArguments] if slices else [PruneArguments]
     types = [ModelConfig, CalibrationArguments, *methods, EvalArguments] \
-        + ([FinetuneArguments, SFTConfig] if finetunes else [RunArguments])
+        + ([FinetuneArguments, DistillationArguments, SFTConfig] if finetunes else [RunArguments])
     # bf16 recipes are GPU recipes: parse them with bf16 off so this CPU can build the training arguments
     gpu_off = ["--bf16", "false"] if finetunes else []
     parsed = parse_config(types, ["--config", str(recipe), "--output_dir", "/tmp/unused"] + gpu_off)
