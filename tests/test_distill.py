@@ -247,3 +247,19 @@ def test_two_processes_distil_to_the_one_process_model(config, mode, tiny_model_
     for key in theirs:
         scale = float(theirs[key].abs().max()) or 1.0
         assert float((ours[key] - theirs[key]).abs().max()) <= 1e-4 * scale, key
+
+
+def test_weight_zero_trains_exactly_like_the_plain_stage(tiny_model_dir, tmp_path):
+    """The distilling trainer with w = 0 is trl's plain LM training: same data order, loss and model."""
+    settings = dict(max_steps=6, save_steps=3, logging_steps=1, train_max_windows=40)
+    plain = write_recipe(tmp_path / "plain.yaml", tiny_model_dir, **settings)
+    zero = write_recipe(tmp_path / "zero.yaml", tiny_model_dir, teacher="dense", distill_weight=0.0, **settings)
+    for name, recipe in (("plain", plain), ("zero", zero)):
+        result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("plain", "zero")]
+    losses = [[e["loss"] for e in r["log_history"] if "loss" in e] for r in reports]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    ours, theirs = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("zero", "plain"))
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
