@@ -6,10 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ from dlp.distill import (
 )
 from dlp.errors import DlpError
 from test_distributed import launch
-from test_prune_lora import ENV, SCRIPT, run, write_recipe
+from test_prune_lora import SCRIPT, kill_when, run, write_recipe
 
 
 def test_kl_of_a_hand_computed_case_at_two_temperatures():
@@ -114,12 +111,7 @@ distill.build_teacher_cache(tiny_model("llama", seed=1), windows, {cache!r}, key
 def test_killed_while_caching_resumes_to_the_same_cache(tmp_path):
     interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
     child = CACHE_CHILD.format(tests=str(REPO / "tests"), cache=str(interrupted))
-    proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, env=ENV)
-    deadline = time.time() + 120
-    while not (interrupted / shard_name(1)).is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when([sys.executable, "-c", child], interrupted / shard_name(1), timeout=120)
     assert not cache_complete(interrupted, "k") and (interrupted / shard_name(0)).is_file(), "not killed mid-way"
     windows = torch.randint(0, 128, (80, 12), generator=torch.Generator().manual_seed(1))
     for target in (interrupted, whole):
@@ -138,23 +130,17 @@ def test_distillation_settings_are_checked():
     assert DistillationArguments(teacher="dense").teacher_id("m") == "m" and not DistillationArguments().enabled
 
 
+# the tiny runs' distillation: the dense model as teacher, its whole vocabulary (128) kept when cached, 40 windows
+DISTILL = dict(teacher="dense", distill_weight=0.5, distill_temperature=2.0, distill_top_k=128, train_max_windows=40)
+
+
 @pytest.fixture(scope="module")
 def distilled_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     """The tiny pipeline with each teacher mode; cached keeps the whole vocabulary (128), so both train alike."""
     out = tmp_path_factory.mktemp("distilled")
     runs = {}
     for mode in ("online", "cached"):
-        recipe = write_recipe(
-            out / f"{mode}.yaml",
-            tiny_model_dir,
-            teacher="dense",
-            teacher_mode=mode,
-            distill_weight=0.5,
-            distill_temperature=2.0,
-            distill_top_k=128,
-            max_steps=10,
-            train_max_windows=40,
-        )
+        recipe = write_recipe(out / f"{mode}.yaml", tiny_model_dir, teacher_mode=mode, max_steps=10, **DISTILL)
         result = run([sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out / mode)])
         assert result.returncode == 0, result.stderr[-3000:]
         runs[mode] = out / mode
@@ -189,26 +175,11 @@ def test_cached_teacher_over_the_whole_vocabulary_trains_like_the_online_one(dis
 def test_killed_while_training_with_a_cached_teacher_resumes_to_the_same_model(
     distilled_runs, tiny_model_dir, tmp_path
 ):
-    recipe = write_recipe(
-        tmp_path / "cached.yaml",
-        tiny_model_dir,
-        teacher="dense",
-        teacher_mode="cached",
-        distill_weight=0.5,
-        distill_temperature=2.0,
-        distill_top_k=128,
-        max_steps=10,
-        train_max_windows=40,
-    )
+    recipe = write_recipe(tmp_path / "cached.yaml", tiny_model_dir, teacher_mode="cached", max_steps=10, **DISTILL)
     out = tmp_path / "run"
     args = [sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out)]
-    proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
     checkpoint = out / "finetune" / "checkpoint-5" / "trainer_state.json"
-    while not checkpoint.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, checkpoint)
     assert checkpoint.is_file() and not (out / "adapter").exists(), "not killed while training"
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -224,16 +195,7 @@ def test_two_processes_distil_to_the_one_process_model(config, mode, tiny_model_
     """Each rank runs its own teacher on its own windows (online), or reads the one cache the main process wrote."""
     if config.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed not installed")
-    settings = dict(
-        teacher="dense",
-        teacher_mode=mode,
-        distill_weight=0.5,
-        distill_temperature=2.0,
-        distill_top_k=128,
-        max_steps=6,
-        save_steps=3,
-        train_max_windows=40,
-    )
+    settings = dict(teacher_mode=mode, max_steps=6, save_steps=3, **DISTILL)
     one = write_recipe(tmp_path / "one.yaml", tiny_model_dir, per_device_train_batch_size=2, **settings)
     two = write_recipe(tmp_path / "two.yaml", tiny_model_dir, per_device_train_batch_size=1, **settings)
     result = run([sys.executable, str(SCRIPT), "--config", str(one), "--output_dir", str(tmp_path / "one")])

@@ -62,6 +62,16 @@ def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
 
 
+def kill_when(args: list[str], marker: Path, timeout: float = 300) -> None:
+    """Start ``args`` and kill it with SIGKILL (no clean-up of any kind) as soon as ``marker`` exists."""
+    proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def merged_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
@@ -159,16 +169,7 @@ def test_killed_during_finetuning_resumes_to_the_same_model(reference_run, tiny_
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir)
     out = tmp_path / "run"
     args = [sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out)]
-    proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while (
-        not (out / "finetune" / "checkpoint-5" / "trainer_state.json").is_file()
-        and proc.poll() is None
-        and time.time() < deadline
-    ):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, out / "finetune" / "checkpoint-5" / "trainer_state.json")
     assert (out / "finetune" / "checkpoint-5").is_dir() and not (out / "adapter").exists(), "not killed while training"
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]

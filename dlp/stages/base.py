@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..allocate import LayerScores
 from ..config import CalibrationArguments, EvalArguments, RunArguments
-from ..data import check_source
+from ..data import check_source, load_calibration
 from ..errors import require
+from ..evaluate import perplexity
 from ..io import atomic_write_json, check_writable_dir, is_dlp_dir, read_json, start_output_dir
 from ..masks import MaskSet
 from ..merge import MERGE_TOLERANCE
@@ -131,13 +133,53 @@ def check_run_inputs(calib_args: CalibrationArguments, eval_args: EvalArguments)
     resolve_device(calib_args.device)
 
 
-def prepare_run(model_args, calib_args: CalibrationArguments):
-    """Seeds, the compute device and the dense model with its tokenizer, for a run that is not finished yet."""
+@dataclass
+class StageStart:
+    """What every compression stage starts from: the dense model and its tokenizer, the compute device, the
+    seeded calibration windows, and the one way its perplexities are measured."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    calibration: Any  # dlp.data.load_calibration's windows (input_ids, sha256)
+    eval_args: EvalArguments
+
+    def perplexity(self, model: nn.Module, name: str) -> dict[str, Any]:
+        """``model``'s perplexity on the evaluation text, printed as the ``name`` model's."""
+        eval_args = self.eval_args
+        measured = perplexity(
+            model,
+            self.tokenizer,
+            eval_args.eval_data,
+            seqlen=eval_args.eval_seqlen,
+            max_windows=eval_args.max_windows,
+            batch_size=eval_args.eval_batch_size,
+            device=self.device,
+        ).to_dict()
+        print(f"[dlp] {name} perplexity {measured['value']:.2f}")
+        return measured
+
+    def dense_perplexity(self) -> dict[str, Any]:
+        """``{"dense": ...}`` when the recipe asks for the dense model's figure (``eval_dense``), else nothing."""
+        return {"dense": self.perplexity(self.model, "dense")} if self.eval_args.eval_dense else {}
+
+
+def prepare_run(model_args, calib_args: CalibrationArguments, eval_args: EvalArguments) -> StageStart:
+    """Seeds, the compute device, the dense model with its tokenizer and the calibration windows, for a run that
+    is not finished yet."""
     setup(calib_args.seed)
     model, tokenizer = load_model_and_tokenizer(
         model_args.model_name_or_path, model_args.dtype or "float32", model_args.attn_implementation or "sdpa"
     )
-    return model, tokenizer, resolve_device(calib_args.device)
+    calibration = load_calibration(
+        tokenizer,
+        calib_args.calibration_data,
+        calib_args.nsamples,
+        calib_args.seqlen,
+        calib_args.seed,
+        calib_args.calibration_split,
+    )
+    return StageStart(model, tokenizer, resolve_device(calib_args.device), calibration, eval_args)
 
 
 def run_config(calib_args: CalibrationArguments, method_args, run_args: RunArguments) -> dict[str, Any]:

@@ -19,9 +19,8 @@ from typing import Any
 from ..allocate import ALLOCATORS, compute_sparsities, explicit_sparsities, weighted_mean
 from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments
 from ..criteria import PruneSpec, get_criterion, parse_pattern
-from ..data import load_calibration
 from ..errors import ResultCheckFailed, require
-from ..evaluate import perplexity, zero_shot
+from ..evaluate import zero_shot
 from ..io import atomic_dir
 from ..masks import MaskSet, model_fingerprint
 from ..modeling import find_decoder_layers, prunable_linears
@@ -84,27 +83,11 @@ def run_prune(
     finished = finished_run(run_args, lambda: check_prune_settings(model_args, calib_args, prune_args, eval_args))
     if finished is not None:
         return PruneReport.from_dict(finished)
-    model, tokenizer, device = prepare_run(model_args, calib_args)
-    calibration = load_calibration(
-        tokenizer,
-        calib_args.calibration_data,
-        calib_args.nsamples,
-        calib_args.seqlen,
-        calib_args.seed,
-        calib_args.calibration_split,
-    )
-    ppl_kwargs = dict(
-        seqlen=eval_args.eval_seqlen,
-        max_windows=eval_args.max_windows,
-        batch_size=eval_args.eval_batch_size,
-        device=device,
-    )
+    inputs = prepare_run(model_args, calib_args, eval_args)
+    model, tokenizer, device, calibration = inputs.model, inputs.tokenizer, inputs.device, inputs.calibration
     config = run_config(calib_args, prune_args, run_args)
-    ppl: dict[str, Any] = {}
+    ppl: dict[str, Any] = inputs.dense_perplexity()
     timings: dict[str, float] = {}
-    if eval_args.eval_dense:
-        ppl["dense"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
-        print(f"[dlp] dense perplexity {ppl['dense']['value']:.2f}")
 
     params = layer_param_counts(model)
     scoring = None
@@ -151,8 +134,7 @@ def run_prune(
     timings["prune_s"] = time.perf_counter() - start
     assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
 
-    ppl["pruned"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
-    print(f"[dlp] pruned perplexity {ppl['pruned']['value']:.2f}")
+    ppl["pruned"] = inputs.perplexity(model, "pruned")
     report = PruneReport(
         model=model_args.model_name_or_path,
         config=config,

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CalibrationArguments, EvalArguments, RunArguments, SliceArguments
-from ..data import load_calibration
-from ..evaluate import perplexity
 from ..io import atomic_write_json, read_json
 from ..merge import MERGE_TOLERANCE, export_model
 from ..modeling import find_decoder_layers
@@ -67,28 +65,12 @@ def run_slice(
     finished = finished_run(run_args, lambda: check_slice_settings(model_args, calib_args, eval_args))
     if finished is not None:
         return SliceReport.from_dict(finished)
-    model, tokenizer, device = prepare_run(model_args, calib_args)
+    inputs = prepare_run(model_args, calib_args, eval_args)
+    model, tokenizer, device, calibration = inputs.model, inputs.tokenizer, inputs.device, inputs.calibration
     check_sliceable(model)
-    calibration = load_calibration(
-        tokenizer,
-        calib_args.calibration_data,
-        calib_args.nsamples,
-        calib_args.seqlen,
-        calib_args.seed,
-        calib_args.calibration_split,
-    )
-    ppl_kwargs = dict(
-        seqlen=eval_args.eval_seqlen,
-        max_windows=eval_args.max_windows,
-        batch_size=eval_args.eval_batch_size,
-        device=device,
-    )
     config = run_config(calib_args, slice_args, run_args)
-    ppl: dict[str, Any] = {}
+    ppl: dict[str, Any] = inputs.dense_perplexity()
     timings: dict[str, float] = {}
-    if eval_args.eval_dense:
-        ppl["dense"] = perplexity(model, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
-        print(f"[dlp] dense perplexity {ppl['dense']['value']:.2f}")
 
     _, layers = find_decoder_layers(model)
     redundancy = None
@@ -120,8 +102,7 @@ def run_slice(
         export_model(sliced, tokenizer, None, out / "model")  # with its modeling file
         atomic_write_json(out / SLICING_FILE, metadata)
     timings["slice_s"] = time.perf_counter() - start
-    ppl["sliced"] = perplexity(sliced, tokenizer, eval_args.eval_data, **ppl_kwargs).to_dict()
-    print(f"[dlp] sliced perplexity {ppl['sliced']['value']:.2f}")
+    ppl["sliced"] = inputs.perplexity(sliced, "sliced")
     report = SliceReport(
         model=model_args.model_name_or_path,
         config=config,
