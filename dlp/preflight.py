@@ -132,7 +132,10 @@ def check_masks_fit(
 
 def check_teacher(student: ModelPlan, teacher_id: str) -> ModelPlan:
     """A distillation teacher must predict over the student's vocabulary (the same tokenizer, in practice)."""
-    teacher = inspect_model(teacher_id)
+    try:
+        teacher = inspect_model(teacher_id)
+    except DlpError as exc:  # the same checks as for the model, reported under the field that named it
+        raise DlpError("teacher: " + str(exc).removeprefix("model: "))
     require(
         teacher.vocab_size == student.vocab_size,
         f"teacher: {teacher_id!r} predicts over {teacher.vocab_size} tokens but the model over "

@@ -130,6 +130,13 @@ def test_distillation_settings_are_checked():
     assert DistillationArguments(teacher="dense").teacher_id("m") == "m" and not DistillationArguments().enabled
 
 
+def test_a_teacher_that_cannot_be_read_is_named_as_the_teacher(tiny_model_dir, tmp_path):
+    from dlp.preflight import check_teacher, inspect_model
+
+    with pytest.raises(DlpError, match=r"^teacher: .*no-such-teacher"):
+        check_teacher(inspect_model(str(tiny_model_dir)), str(tmp_path / "no-such-teacher"))
+
+
 # the tiny runs' distillation: the dense model as teacher, its whole vocabulary (128) kept when cached, 40 windows
 DISTILL = dict(teacher="dense", distill_weight=0.5, distill_temperature=2.0, distill_top_k=128, train_max_windows=40)
 
