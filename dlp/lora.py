@@ -48,8 +48,12 @@ PEFT_PREFIX = "base_model.model."
 
 
 class _MaskedLoraLinear(torch.autograd.Function):
-    """``y = x·W_effᵀ + b`` with ``W_eff = W + s·(B·A) ⊙ M``; saves ``x``, ``A`` and ``B`` and rebuilds ``W_eff``
-    in backward, so no weight-sized tensor is kept per Linear between forward and backward."""
+    """``y = x·W_effᵀ + b`` with ``W_eff = W + (s·B)·A ⊙ M``; saves ``x``, ``A`` and ``B`` and rebuilds ``W_eff``
+    in backward, so no weight-sized tensor is kept per Linear between forward and backward.
+
+    ``x`` arrives in the dtype to compute in: the base weight's, or autocast's (``bf16: true``, on a GPU or on a
+    CPU with bf16 matrix units), where ``W_eff`` is built in the base dtype and rounded once, as autocast rounds
+    a plain Linear's weight. The scale ``s`` sits on the small factor ``B``, never on a weight-sized tensor."""
 
     @staticmethod
     def forward(
@@ -57,22 +61,31 @@ class _MaskedLoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.layer, ctx.adapter = layer, adapter
-        return F.linear(x, layer.effective_weight([adapter], x.dtype, layer.keep_mask(x.device)), layer.base_bias())
+        weight = layer.effective_weight([adapter], layer.compute_dtype(), layer.keep_mask(x.device))
+        bias = layer.base_bias()
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, lora_a, lora_b = ctx.saved_tensors
         layer, adapter = ctx.layer, ctx.adapter
         mask = layer.keep_mask(grad_out.device)  # unpacked once for both gradients
+        grad_out = grad_out.to(x.dtype)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ layer.effective_weight([adapter], grad_out.dtype, mask)
+            grad_x = grad_out @ layer.effective_weight([adapter], layer.compute_dtype(), mask).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)  # dL/dW_eff, [out, in]
-            grad_delta = (grad_weight * mask).to(lora_a.dtype) * layer.scaling[adapter]
-            grad_b = grad_delta @ lora_a.t()
-            grad_a = lora_b.t() @ grad_delta
+            grad_delta = grad_weight.to(lora_a.dtype) * mask  # dL/d((s·B)·A)
+            scaling = layer.scaling[adapter]
+            grad_b = (grad_delta @ lora_a.t()) * scaling
+            grad_a = (lora_b * scaling).t() @ grad_delta
         return grad_x, grad_a, grad_b, None, None
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on ``device``, or None when autocast is off there."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 class MaskedLoraMixin:
@@ -99,9 +112,9 @@ class MaskedLoraMixin:
         return None if bias is None else bias.to(self.compute_dtype())
 
     def masked_delta(self, adapter: str, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``s·(B·A) ⊙ M`` in ``dtype``: the one expression used by forward and merge, so they agree exactly.
+        """``(s·B)·A ⊙ M`` in ``dtype``: the one expression used by forward and merge, so they agree exactly.
         ``mask``: the keep-mask already unpacked by the caller, if any."""
-        delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+        delta = (self.lora_B[adapter].weight * self.scaling[adapter]) @ self.lora_A[adapter].weight
         return (delta * (self.keep_mask(delta.device) if mask is None else mask)).to(dtype)
 
     def effective_weight(
@@ -128,19 +141,23 @@ class MaskedLoraMixin:
         adapters = self._adapters_in_use()
         if self.disable_adapters or self.merged or not adapters or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)  # peft's paths for these cases never add an unmasked delta
-        input_dtype, dtype = x.dtype, self.compute_dtype()
-        x = x.to(dtype)
+        autocast = _autocast_dtype(x.device)  # a plain Linear would compute, and return, in this dtype
+        with torch.autocast(x.device.type, enabled=False):  # W_eff is built in the base dtype, rounded once
+            result = self._masked_forward(x.to(autocast or self.compute_dtype()), adapters)
+        return result if autocast else result.to(x.dtype)
+
+    def _masked_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         dropped = [a for a in adapters if self.training and not isinstance(self.lora_dropout[a], nn.Identity)]
         if len(adapters) == 1 and not dropped:
             adapter = adapters[0]
-            result = _MaskedLoraLinear.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self, adapter)
-        else:  # several adapters or dropout: plain autograd (keeps W_eff for backward)
-            result = F.linear(
-                x, self.effective_weight([a for a in adapters if a not in dropped], dtype), self.base_bias()
-            )
-            for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
-                result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, dtype))
-        return result.to(input_dtype)
+            return _MaskedLoraLinear.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self, adapter)
+        # several adapters or dropout: plain autograd (keeps W_eff for backward)
+        weight = self.effective_weight([a for a in adapters if a not in dropped], self.compute_dtype())
+        bias = self.base_bias()
+        result = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
+            result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, x.dtype))
+        return result
 
 
 _MASKED_CLASSES: dict[type, type] = {}

@@ -125,6 +125,31 @@ def test_masked_gradients_equal_the_explicit_formula():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+def test_autocast_computes_in_bf16_like_a_plain_linear():
+    """Under autocast (``bf16: true``) a masked layer computes and returns in bf16 as a plain Linear would, with
+    W_eff built in float32 and rounded once; its gradients equal autograd through that expression written out."""
+    peft_model, masks = pruned_lora_model()
+    attach_masks(peft_model, masks)
+    name, layer = next(iter(masked_lora_layers(peft_model).items()))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(2, 5, layer.get_base_layer().in_features, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    A = layer.lora_A["default"].weight.detach().clone().requires_grad_()
+    B = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    W, M, s = layer.get_base_layer().weight.detach(), masks.masks[name].float(), layer.scaling["default"]
+    y2 = x2.bfloat16() @ (W + (s * B) @ A * M).bfloat16().T
+    assert torch.equal(y, y2)
+    y2.float().square().sum().backward()
+    torch.testing.assert_close(layer.lora_A["default"].weight.grad, A.grad)
+    torch.testing.assert_close(layer.lora_B["default"].weight.grad, B.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
 def test_backward_keeps_no_weight_sized_tensor():
     """Between forward and backward a masked layer keeps x, A and B only: W_eff is rebuilt in backward (what
     keeps a 4-bit base 4-bit during training)."""
