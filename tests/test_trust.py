@@ -21,6 +21,7 @@ from dlp.errors import DlpError, ResultCheckFailed
 from dlp.io import MARKER, TEMP_PREFIX, atomic_dir, claim_dir
 from dlp.masks import MaskSet, model_fingerprint
 from dlp.modeling import prunable_linears
+from dlp.process import cpu_has_bf16_matrix_units
 from test_cli import SCRIPT as PRUNE, _run
 
 MASKS_TOOL = str(REPO / "train" / "masks.py")
@@ -403,8 +404,9 @@ def test_a_recipe_json_of_a_run_that_finished_nothing_does_not_block_a_rerun(tmp
         _claim_output_dir(out, {"model": {"model_name_or_path": "third"}}, OneProcess())
 
 
-def test_prune_lora_without_a_recipe_runs_on_cpu_in_float32(tiny_model_dir, tmp_path):
-    """The regression: trl's bf16 default failed on a CPU machine with advice to set use_cpu."""
+def test_prune_lora_without_a_recipe_runs_on_cpu_and_says_in_which_precision(tiny_model_dir, tmp_path):
+    """The regression: trl's bf16 default failed on a CPU machine with advice to set use_cpu. dlp chooses bf16
+    autocast on a CPU with bf16 matrix units (AMX), float32 elsewhere, and says which."""
     result = subprocess.run(
         [
             sys.executable,
@@ -439,5 +441,8 @@ def test_prune_lora_without_a_recipe_runs_on_cpu_in_float32(tiny_model_dir, tmp_
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "no GPU here: training in float32 (bf16: false" in result.stdout
+    if cpu_has_bf16_matrix_units():
+        assert "CPU with bf16 matrix units (AMX): bf16 autocast, float32 weights (bf16: true" in result.stdout
+    else:
+        assert "no GPU here: training in float32 (bf16: false" in result.stdout
     assert "gemm_4bit_forward" not in result.stderr and "Setting accelerator to CPU" not in result.stderr
