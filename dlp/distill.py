@@ -1,4 +1,4 @@
-"""Distillation from the dense model during recovery: the loss, the two teachers and the trainer that mixes them.
+"""Distillation from the dense model during recovery: the loss and the two teachers (:mod:`dlp.trainer` trains).
 
 The fine-tuning loss becomes ``(1 − w)·LM + w·T²·KL(p_teacher ‖ p_student)`` per predicted token, with both
 distributions taken at temperature ``T`` (the T² keeps the KL's gradients on the LM loss's scale, as in Hinton et
@@ -70,19 +70,23 @@ def kl_sum(student_logits: torch.Tensor, targets: Targets, temperature: float) -
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    targets: Targets,
+    targets: Targets | None,
     weight: float,
     temperature: float,
     num_items: torch.Tensor | int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, LM part, KL part) of a micro-batch: ``student_logits`` ``[B, L, V]``, ``labels`` ``[B, L]`` (−100:
-    not predicted); ``targets`` covers the predicted positions in order. Each part is a sum over tokens divided
-    by ``num_items`` (the tokens of the whole accumulated batch, as in trl's loss)."""
-    logits = student_logits[:, :-1]
-    shifted = labels[:, 1:]
+    not predicted); ``targets`` covers the predicted positions in order (None: no teacher, the LM loss alone). Each
+    part is a sum over tokens divided by ``num_items`` (the tokens of the whole accumulated batch, as in trl's
+    loss)."""
+    logits, shifted = student_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
     predicted = shifted != -100
-    logits, shifted = logits[predicted], shifted[predicted]
+    if not bool(predicted.all()):  # index_select: its backward adds rows back; a boolean index's is slower
+        rows = predicted.nonzero().squeeze(1)
+        logits, shifted = logits.index_select(0, rows), shifted[rows]
     lm = F.cross_entropy(logits.float(), shifted, reduction="sum") / num_items
+    if targets is None:
+        return lm, lm.detach(), torch.zeros_like(lm)
     kl = kl_sum(logits, targets, temperature) * temperature**2 / num_items
     return (1.0 - weight) * lm + weight * kl, lm.detach(), kl.detach()
 
@@ -220,47 +224,3 @@ def cache_complete(cache_dir: Path, key: str) -> bool:
         and manifest.get("key") == key
         and all((Path(cache_dir) / shard_name(s)).is_file() for s in range(manifest["shards"]))
     )
-
-
-def distilling_trainer(trainer_class: type) -> type:
-    """``trainer_class`` (trl's ``SFTTrainer``) with the distillation loss: the same data, collator, checkpoints
-    and resumption; only ``compute_loss`` changes, and the log gains the loss's two parts (``lm_loss``,
-    ``kd_loss``) beside ``loss``."""
-
-    class DistillingTrainer(trainer_class):
-        def __init__(
-            self, *args: Any, teacher: OnlineTeacher | CachedTeacher, weight: float, temperature: float, **kwargs: Any
-        ):
-            super().__init__(*args, **kwargs)
-            self.teacher, self.distill_weight, self.distill_temperature = teacher, weight, temperature
-            self._parts: dict[str, list[float]] = {"lm_loss": [], "kd_loss": []}
-            if isinstance(teacher, OnlineTeacher) and not getattr(teacher.model, "is_loaded_in_4bit", False):
-                teacher.model.to(self.accelerator.device)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs["labels"]
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-            predicted = labels[:, 1:] != -100
-            targets = self.teacher.targets(inputs["input_ids"], predicted)
-            count = predicted.sum() if num_items_in_batch is None else num_items_in_batch
-            count = torch.as_tensor(count, device=labels.device).clamp(min=1)
-            loss, lm, kd = distillation_loss(
-                outputs.logits, labels, targets, self.distill_weight, self.distill_temperature, count
-            )
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                scale = self.accelerator.num_processes  # as trl's loss: DDP averages the ranks' gradients
-                loss, lm, kd = loss * scale, lm * scale, kd * scale
-            self._parts["lm_loss"].append(float(lm))
-            self._parts["kd_loss"].append(float(kd))
-            return (loss, outputs) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._parts["lm_loss"]:
-                steps = self.args.gradient_accumulation_steps
-                for name, values in self._parts.items():  # per optimizer step, as "loss" is
-                    logs[name] = round(sum(values) / len(values) * steps, 6)
-                    values.clear()
-            super().log(logs, start_time)
-
-    DistillingTrainer.__name__ = f"Distilling{trainer_class.__name__}"
-    return DistillingTrainer

@@ -18,12 +18,12 @@ from torch import nn
 
 from .config import FinetuneArguments
 from .data import load_training_windows
-from .distill import distilling_trainer
 from .errors import DlpError, require
 from .lora import attach_masks
 from .masks import MaskSet
 from .modeling import prunable_linears
 from .projections import is_transposed
+from .trainer import recovery_trainer
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -120,7 +120,8 @@ def last_checkpoint(directory: Path) -> str | None:
 def train(
     peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args, distillation=None
 ) -> tuple[Any, TrainResult]:
-    """Train with ``SFTTrainer``; ``sft_args.output_dir`` holds the checkpoints and is resumed from.
+    """Train with ``SFTTrainer`` (:mod:`dlp.trainer`); ``sft_args.output_dir`` holds the checkpoints and is
+    resumed from.
 
     ``distillation``: ``(teacher_for(windows), weight, temperature)`` to train with the distillation loss
     (:mod:`dlp.distill`); the teacher is built from the training windows (a cached one indexes them)."""
@@ -131,11 +132,11 @@ def train(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     windows = training_windows(tokenizer, ft_args, sft_args.max_length)
     dataset = Dataset.from_dict({"input_ids": windows.tolist()})
-    trainer_class, extra = SFTTrainer, {}
+    extra = {}
     if distillation is not None:
         teacher_for, weight, temperature = distillation
-        trainer_class = distilling_trainer(SFTTrainer)
         extra = {"teacher": teacher_for(windows), "weight": weight, "temperature": temperature}
+    trainer_class = recovery_trainer(SFTTrainer)
     resume = last_checkpoint(Path(sft_args.output_dir))
     if resume:
         print(f"[dlp] resuming fine-tuning from {resume}")
