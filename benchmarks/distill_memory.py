@@ -23,14 +23,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qlora_memory import peak_rss_mib, resident_mib, tensor_mib  # noqa: E402
+from qlora_memory import memory_line, peak_rss_mib, resident_mib, tensor_mib, timed_steps  # noqa: E402
 
 from dlp.io import atomic_write_json  # noqa: E402
 
@@ -80,23 +79,15 @@ def worker(variant: str, args) -> dict:
         "model_tensors_mib": tensor_mib(student) + (tensor_mib(teacher.model) if variant == "online" else 0.0),
         "resident_after_load_mib": resident_mib(),
     }
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    student.train()
-    seconds = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        ids = windows[step * args.batch : (step + 1) * args.batch].to(device)
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
         predicted = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
         targets = None if teacher is None else teacher.targets(ids, predicted)
         logits = student(input_ids=ids, use_cache=False).logits
         weight = 0.0 if teacher is None else args.weight
-        loss, _, _ = distillation_loss(logits, ids, targets, weight, args.temperature, int(predicted.sum()))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds.append(time.perf_counter() - start)
+        return distillation_loss(logits, ids, targets, weight, args.temperature, int(predicted.sum()))[0]
+
+    seconds = timed_steps(student, windows, args.batch, args.steps, device, loss_of)
     result = {"variant": variant, "peak_rss_mib": peak_rss_mib(), "rss_before_model_mib": before_model, **loaded}
     result["peak_over_loaded_mib"] = result["peak_rss_mib"] - loaded["resident_after_load_mib"]
     result["step_s"] = seconds
@@ -167,13 +158,7 @@ def main() -> None:
         for variant in variants:
             row = run_worker(variant, args)
             results.append(row)
-            print(
-                f"{variant:7s} tensors {row['model_tensors_mib']:5.0f} MiB | resident after load "
-                f"{row['resident_after_load_mib']:5.0f} MiB | peak while training {row['peak_rss_mib']:5.0f} MiB "
-                f"(+{row['peak_over_loaded_mib']:.0f} over the loaded models) | step {min(row['step_s']):.1f} s"
-                + (f"  CUDA peak {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else ""),
-                flush=True,
-            )
+            print(memory_line(f"{variant:7s}", row), flush=True)
     if cache_mib is not None:
         print(
             f"cache on disk: {cache_mib:.1f} MiB for {args.batch * args.steps} windows of {args.seqlen} "

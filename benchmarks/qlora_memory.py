@@ -61,6 +61,33 @@ def tensor_mib(model) -> float:
     return total / 2**20
 
 
+def memory_line(name: str, row: dict) -> str:
+    """One variant's figures, as the memory benchmarks print them."""
+    return (
+        f"{name} model tensors {row['model_tensors_mib']:5.0f} MiB | resident after load "
+        f"{row['resident_after_load_mib']:5.0f} MiB | peak while training {row['peak_rss_mib']:5.0f} MiB "
+        f"(+{row['peak_over_loaded_mib']:.0f} over the loaded model) | step {min(row['step_s']):.1f} s"
+        + (f"  CUDA peak {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else "")
+    )
+
+
+def timed_steps(model, windows: torch.Tensor, batch: int, steps: int, device: torch.device, loss_of) -> list[float]:
+    """``steps`` training steps of ``batch`` windows each (AdamW on the trainable parameters; ``loss_of(ids)`` is
+    a step's loss), after resetting the CUDA peak; the seconds of each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    seconds = []
+    for step in range(steps):
+        start = time.perf_counter()
+        loss_of(windows[step * batch : (step + 1) * batch].to(device)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def worker(variant: str, args) -> dict:
     from trl import ModelConfig
 
@@ -89,18 +116,9 @@ def worker(variant: str, args) -> dict:
     windows = load_training_windows(
         tokenizer, "builtin:wikitext2-valid", args.seqlen, max_windows=args.batch * args.steps
     )
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    peft_model.train()
-    seconds = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        ids = windows[step * args.batch : (step + 1) * args.batch].to(device)
-        peft_model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds.append(time.perf_counter() - start)
+    seconds = timed_steps(
+        peft_model, windows, args.batch, args.steps, device, lambda ids: peft_model(input_ids=ids, labels=ids).loss
+    )
     result = {
         "variant": variant,
         "peak_rss_mib": peak_rss_mib(),
@@ -149,13 +167,7 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = results[-1]
-        print(
-            f"{variant:15s} model tensors {row['model_tensors_mib']:5.0f} MiB | resident after load "
-            f"{row['resident_after_load_mib']:5.0f} MiB | peak while training {row['peak_rss_mib']:5.0f} MiB "
-            f"(+{row['peak_over_loaded_mib']:.0f} over the loaded model) | step {min(row['step_s']):.1f} s"
-            + (f"  CUDA peak {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else ""),
-            flush=True,
-        )
+        print(memory_line(f"{variant:15s}", row), flush=True)
     summary = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "prune_dir": args.prune_dir,
