@@ -77,7 +77,7 @@ def cpu_has_bf16_matrix_units() -> bool:
 def cpu_bf16_default(deepspeed: bool) -> tuple[str, str, str]:
     """The ``bf16`` default on a machine without GPUs (trl's own default, bf16 on, fails there).
 
-    With AMX, bf16 autocast trains SmolLM2-135M's LoRA stage about 1.6× faster than float32 (``benchmarks/
+    With AMX, bf16 autocast trains SmolLM2-135M's LoRA stage about 1.4× faster than float32 (``benchmarks/
     lora_step.py``); the weights, the merge and every evaluation stay float32. Without AMX, bf16 is emulated and
     slower, so float32. DeepSpeed's CPU engine is left in float32: its bf16 path is a GPU one."""
     if cpu_has_bf16_matrix_units() and not deepspeed:
