@@ -77,7 +77,7 @@ def recover(out: Path, prune_dir: Path, name: str, loss: str, args) -> dict:
         "pruned": report["perplexity"]["pruned"]["value"],
         "recovered": report["perplexity"]["finetuned"]["value"],
         "train_s": report["timings"]["train_s"],
-        "tokens": report["training"].get("tokens_seen") if isinstance(report.get("training"), dict) else None,
+        "tokens": report["training"]["tokens_seen"],
     }
 
 

@@ -61,9 +61,7 @@ class _MaskedLoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, lora_a, lora_b)
         ctx.layer, ctx.adapter = layer, adapter
-        weight = layer.effective_weight([adapter], layer.compute_dtype(), layer.keep_mask(x.device))
-        bias = layer.base_bias()
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return layer.linear([adapter], x, layer.keep_mask(x.device))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -129,6 +127,13 @@ class MaskedLoraMixin:
             weight = weight + self.masked_delta(adapter, dtype, mask)
         return weight
 
+    def linear(self, adapters: list[str], x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x·W_effᵀ + b`` in ``x``'s dtype, ``W_eff`` built in the base dtype and rounded once (``mask``: as in
+        :meth:`effective_weight`)."""
+        weight = self.effective_weight(adapters, self.compute_dtype(), mask).to(x.dtype)
+        bias = self.base_bias()
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The masked delta as peft's merge/unmerge adds it to the *stored* weight: transposed for a Conv1D
         (``fan_in_fan_out``), so the merged weight is exactly the logical ``W_eff`` the layer computed with."""
@@ -152,9 +157,7 @@ class MaskedLoraMixin:
             adapter = adapters[0]
             return _MaskedLoraLinear.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self, adapter)
         # several adapters or dropout: plain autograd (keeps W_eff for backward)
-        weight = self.effective_weight([a for a in adapters if a not in dropped], self.compute_dtype())
-        bias = self.base_bias()
-        result = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        result = self.linear([a for a in adapters if a not in dropped], x)
         for adapter in dropped:  # the adapter sees dropout(x) while the base sees x: a second matmul
             result = result + F.linear(self.lora_dropout[adapter](x), self.masked_delta(adapter, x.dtype))
         return result

@@ -9,9 +9,9 @@ from conftest import tiny_model, tiny_tokenizer
 from dlp.trainer import recovery_trainer
 
 
-def _trainer(tmp_path, model):
+def _trainer(tmp_path, model, trainer_class):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     windows = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
     args = SFTConfig(
@@ -26,8 +26,7 @@ def _trainer(tmp_path, model):
     dataset = Dataset.from_dict({"input_ids": windows.tolist()})
     tokenizer = tiny_tokenizer()
     tokenizer.pad_token = tokenizer.unk_token  # as dlp.finetune.train sets it: windows are all full
-    trainer = recovery_trainer(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    return trainer, SFTTrainer
+    return recovery_trainer(trainer_class)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
 def _loss_and_grads(compute_loss, model, batch, items):
@@ -38,14 +37,16 @@ def _loss_and_grads(compute_loss, model, batch, items):
 
 
 def test_cpu_loss_from_the_logits_is_trls_fused_head_loss(tmp_path):
+    from trl import SFTTrainer
+
     model = tiny_model("llama").train()
-    trainer, sft_trainer = _trainer(tmp_path, model)
+    trainer = _trainer(tmp_path, model, SFTTrainer)
     assert trainer.accelerator.device.type == "cpu"
     batch = next(iter(trainer.get_train_dataloader()))
     batch["labels"][0, :3] = -100  # a few unpredicted positions, as a prompt mask would leave
     items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()) + 5)  # as if the batch were accumulated
     ours = _loss_and_grads(trainer.compute_loss, model, batch, items)
-    theirs = _loss_and_grads(lambda *a, **k: sft_trainer.compute_loss(trainer, *a, **k), model, batch, items)
+    theirs = _loss_and_grads(lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k), model, batch, items)
     assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
     assert ours[1].keys() == theirs[1].keys() and ours[1]
     for name, grad in theirs[1].items():
