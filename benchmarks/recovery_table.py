@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dlp.io import atomic_write_json  # noqa: E402
+from dlp.distill import CACHE_DIR  # noqa: E402
+from dlp.io import atomic_write_json, claim_dir  # noqa: E402
 
 PRUNE_RECIPE = REPO / "recipes" / "smollm2-135m" / "dlp_wanda_70.yaml"
 LORA_RECIPE = REPO / "recipes" / "smollm2-135m" / "dlp_wanda_70_lora.yaml"
@@ -63,9 +65,22 @@ def loss_flags(loss: str, args) -> list[str]:
     return flags + (["--distill_top_k", str(args.top_k)] if loss == "cached" else [])
 
 
+def reuse_teacher_cache(out: Path, run_dir: Path) -> None:
+    """Start a cached cell from a finished cell's teacher cache. The cache holds the dense teacher's top-k on the
+    training windows, which are the same for every cell (the windows, the teacher, k and T make its key), so
+    computing it once saves about 10 minutes a cell; the pipeline checks the key and rebuilds on a mismatch."""
+    if (run_dir / CACHE_DIR).exists():
+        return
+    for manifest in sorted(out.glob(f"*-cached-*/{CACHE_DIR}/manifest.json")):
+        shutil.copytree(manifest.parent, claim_dir(run_dir) / CACHE_DIR)
+        return
+
+
 def recover(out: Path, prune_dir: Path, name: str, loss: str, args) -> dict:
     run_dir = out / name
     if not (run_dir / "report.json").is_file():
+        if loss == "cached":
+            reuse_teacher_cache(out, run_dir)
         command = [sys.executable, "train/prune_lora.py", "--config", str(LORA_RECIPE), "--prune_dir", str(prune_dir)]
         command += ["--output_dir", str(run_dir), "--max_steps", str(args.max_steps), "--eval_dense", "false"]
         command += [*loss_flags(loss, args), *args.extra]

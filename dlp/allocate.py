@@ -12,9 +12,11 @@ to the target and clips to [0, max_sparsity], warning when it had to clip.
 * ``lr`` (Dynamic Slicing, 2024): redundancy R_l = mean over tokens of cos(h_in, h_out); more redundant ⇒
   pruned more.
 * ``uniform``: the target everywhere; ``explicit``: a list the user gives, taken as it is.
+* ``search`` (:mod:`dlp.search`, after EvoPress): measures instead of scoring; an evolutionary search over the
+  layer sparsities whose fitness is the KL divergence to the dense model on calibration windows.
 
 Adding an allocator is one entry in :data:`ALLOCATORS` (its name, whether it needs the dense scoring sweep, and
-the function from the recipe's settings and the layer scores to raw sparsities) plus the recipe fields of its own
+the function from an :class:`AllocationRequest` to raw sparsities) plus the recipe fields of its own
 parameters, if it has any: the recipe's ``allocation`` choices and the stages look everything else up there.
 """
 
@@ -166,60 +168,98 @@ def balance(
     return clipped.tolist()
 
 
-RawSparsities = Callable[[Any, "Sequence[LayerScores] | None", int], list[float]]
+@dataclass
+class AllocationRequest:
+    """What an allocator may read: the recipe's pruning fields, the dense sweep's layer scores and every layer's
+    prunable weights; and, for an allocator that measures candidates instead of scoring layers (``search``), the
+    dense model itself with its calibration windows, the sweep's per-Linear statistics and where to keep state."""
+
+    settings: Any  # the recipe's pruning fields (PruneArguments)
+    scores: Sequence[LayerScores] | None
+    params: Sequence[int]
+    model: Any = None  # the dense model (left dense when the allocator returns)
+    input_ids: torch.Tensor | None = None  # the calibration windows [nsamples, seqlen]
+    stats: dict[str, Any] | None = None  # full Linear name -> InputStats, from score_layers(keep_stats=True)
+    out: Path | None = None  # the run's output_dir (a searching allocator keeps its resumable state below it)
+    device: Any = "cpu"
+    batch_size: int = 8
+    seed: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.params)
 
 
 @dataclass(frozen=True)
 class Allocator:
-    """A layerwise allocation: ``raw(settings, layer_scores, num_layers)`` gives per-layer sparsities before
-    :func:`balance` (``settings``: the recipe's pruning fields, e.g. ``PruneArguments``)."""
+    """A layerwise allocation: ``raw(request)`` gives per-layer sparsities before :func:`balance`."""
 
     name: str
-    raw: RawSparsities
+    raw: Callable[[AllocationRequest], list[float]]
     needs_scores: bool = True  # whether the dense scoring sweep must run first
-    rebalance: bool = True  # False: the values are the user's, taken as given (not shifted to a target)
+    rebalance: bool = True  # False: the values are taken as given (an explicit list; a search's exact levels)
+    needs_stats: bool = False  # the dense sweep must keep every Linear's input statistics (and the model is used)
+    describe: Callable[[Path], "dict[str, Any] | None"] | None = None  # what the report adds, read from output_dir
 
 
-def _explicit(settings, _scores, num_layers: int) -> list[float]:
-    return explicit_sparsities(settings.layer_sparsities, num_layers, settings.max_layer_sparsity)
+def _explicit(request: AllocationRequest) -> list[float]:
+    settings = request.settings
+    return explicit_sparsities(settings.layer_sparsities, request.num_layers, settings.max_layer_sparsity)
 
 
-def _dlp(settings, scores: Sequence[LayerScores], _num_layers: int) -> list[float]:
-    statistic = [s.wanda_median if settings.dlp_statistic == "median" else s.wanda_mean for s in scores]
+def _dlp(request: AllocationRequest) -> list[float]:
+    settings = request.settings
+    statistic = [s.wanda_median if settings.dlp_statistic == "median" else s.wanda_mean for s in request.scores]
     return dlp_sparsities(statistic, settings.sparsity, settings.dlp_alpha)
+
+
+def _search(request: AllocationRequest) -> list[float]:
+    from .search import search_allocation  # the search builds on the allocators above (and imports this module)
+
+    return search_allocation(request)
+
+
+def _describe_search(out: Path) -> dict[str, Any] | None:
+    from .search import describe
+
+    return describe(out)
 
 
 ALLOCATORS: dict[str, Allocator] = {
     allocator.name: allocator
     for allocator in (
-        Allocator(
-            "uniform", lambda settings, _scores, num_layers: [settings.sparsity] * num_layers, needs_scores=False
-        ),
+        Allocator("uniform", lambda r: [r.settings.sparsity] * r.num_layers, needs_scores=False),
         Allocator(
             "owl",
-            lambda settings, scores, _n: owl_sparsities(
-                [s.outlier_ratio for s in scores], settings.sparsity, settings.owl_lambda
-            ),
+            lambda r: owl_sparsities([s.outlier_ratio for s in r.scores], r.settings.sparsity, r.settings.owl_lambda),
         ),
         Allocator("dlp", _dlp),
         Allocator(
             "lr",
-            lambda settings, scores, _n: lr_sparsities(
-                [s.redundancy for s in scores], settings.sparsity, settings.lr_spread
-            ),
+            lambda r: lr_sparsities([s.redundancy for s in r.scores], r.settings.sparsity, r.settings.lr_spread),
         ),
         Allocator("explicit", _explicit, needs_scores=False, rebalance=False),
+        Allocator("search", _search, rebalance=False, needs_stats=True, describe=_describe_search),
     )
 }
+ONE_PASS_ALLOCATIONS = ("uniform", "owl", "dlp", "lr")  # one statistic per layer, no measuring of candidates
 ALLOCATIONS = tuple(ALLOCATORS)
 
 
-def compute_sparsities(settings, scores: Sequence[LayerScores] | None, params: Sequence[int]) -> list[float]:
+def compute_sparsities(
+    settings, scores: Sequence[LayerScores] | None, params: Sequence[int], request: AllocationRequest | None = None
+) -> list[float]:
     """Per-layer sparsities for ``settings.allocation``, balanced to ``settings.sparsity`` and clipped (an explicit
-    list is taken as given)."""
+    list or a search result is taken as given). ``request``: everything else an allocator may read (the search
+    needs the model and its calibration windows); by default just the settings, scores and sizes."""
     allocator = ALLOCATORS[settings.allocation]
     require(scores is not None or not allocator.needs_scores, f"allocation {allocator.name} needs the layer scores")
-    raw = allocator.raw(settings, scores, len(params))
+    request = request or AllocationRequest(settings, scores, params)
+    require(
+        not allocator.needs_stats or (request.model is not None and request.stats is not None),
+        f"allocation {allocator.name} needs the dense model and the sweep's statistics",
+    )
+    raw = allocator.raw(request)
     if not allocator.rebalance:
         return raw
     return balance(raw, params, settings.sparsity, settings.max_layer_sparsity)

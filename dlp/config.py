@@ -97,6 +97,25 @@ class PruneArguments:
         },
     )
     max_layer_sparsity: float = field(default=0.99, metadata={"help": "Upper clip for any layer's sparsity."})
+    # --- allocation: search (dlp/search.py)
+    search_generations: int = field(default=200, metadata={"help": "search: generations at most."})
+    search_time_budget: float = field(
+        default=0.0, metadata={"help": "search: seconds of search at most (across resumes); 0 = no limit."}
+    )
+    search_offspring: int = field(default=16, metadata={"help": "search: mutants per generation."})
+    search_survivors: str = field(
+        default="4,1", metadata={"help": "search: survivors after each selection stage, comma-separated, ending at 1."}
+    )
+    search_tokens: str = field(
+        default="1024,8192",
+        metadata={"help": "search: calibration tokens per selection stage (rounded up to whole windows)."},
+    )
+    search_step: float = field(
+        default=0.01, metadata={"help": "search: one level moves this fraction of a mean layer's weights."}
+    )
+    search_levels: int = field(default=25, metadata={"help": "search: levels either side of the target, per layer."})
+    search_topk: int = field(default=128, metadata={"help": "search: dense top-k tokens kept for the KL fitness."})
+    search_max_swaps: int = field(default=3, metadata={"help": "search: one-level swaps per mutation, at most."})
     # --- criterion and pattern
     criterion: str = field(default="wanda", metadata={"help": f"Pruning criterion: {', '.join(CRITERIA)}."})
     pattern: str = field(
@@ -143,6 +162,8 @@ class PruneArguments:
                 f"max_layer_sparsity ({self.max_layer_sparsity}) must "
                 f"be >= sparsity ({self.sparsity}): no layer could go above it, so the mean cannot reach it",
             )
+        if self.allocation == "search":
+            self._check_search()
         pattern = parse_pattern(self.pattern)
         if pattern.is_nm:
             # N:M exists for sparse tensor cores, which run one fixed N:M; a per-layer N would need per-layer kernels.
@@ -156,6 +177,19 @@ class PruneArguments:
                 f"pattern {self.pattern} removes exactly "
                 f"{pattern.sparsity:g} of the weights: set sparsity: {pattern.sparsity:g} (got {self.sparsity})",
             )
+
+    def _check_search(self) -> None:
+        from .search import MAX_LEVELS, SearchPlan
+
+        for name in ("search_generations", "search_offspring", "search_topk", "search_max_swaps", "search_levels"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        require(
+            2 * self.search_levels + 1 <= MAX_LEVELS,
+            f"search_levels must be at most {(MAX_LEVELS - 1) // 2} (got {self.search_levels})",
+        )
+        require(0.0 < self.search_step <= 0.1, f"search_step must be in (0, 0.1] (got {self.search_step})")
+        require(self.search_time_budget >= 0, f"search_time_budget must be >= 0 (got {self.search_time_budget})")
+        SearchPlan.from_settings(self).check()
 
 
 @dataclass

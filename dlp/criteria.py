@@ -61,6 +61,11 @@ def wanda_scores(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * sq_mean.to(weight.device).float().sqrt().unsqueeze(0)
 
 
+def row_drop_counts(rows: int, cols: int, sparsity: float) -> tuple[int, int]:
+    """(weights every row drops, rows that drop one more) for ``round(rows·cols·sparsity)`` drops in all."""
+    return divmod(int(round(rows * cols * sparsity)), rows)
+
+
 def rowwise_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Drop the lowest-scoring weights of every output row (Wanda's comparison group), ``round(rows·in·sparsity)``
     in all, so the matrix hits ``sparsity`` to one weight.
@@ -70,7 +75,7 @@ def rowwise_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     would miss the target by up to half a column per row: 1.6 points on a 32-wide toy, about 0.1 on SmolLM2.
     """
     rows, cols = scores.shape
-    base, extra = divmod(int(round(rows * cols * sparsity)), rows)
+    base, extra = row_drop_counts(rows, cols, sparsity)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if base == 0 and extra == 0:
         return keep
@@ -177,6 +182,7 @@ class PruneSpec:
 
 
 PruneFn = Callable[[torch.Tensor, "InputStats | None", float, PruneSpec], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, "InputStats | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,10 @@ class Criterion:
     prune: PruneFn
     needs_data: bool = True  # False: the weights alone decide (no calibration sweep at all)
     needs_hessian: bool = False  # True: the sweep accumulates XᵀX per Linear (SparseGPT's Hessian)
+    # ``scores(weight, stats)``: one importance per weight, when the mask at any sparsity is "drop the lowest per
+    # row" (so the masks of all sparsities are nested and come from one ranking; the searched allocation's level
+    # database relies on it). None for a criterion that also changes the weights it keeps (SparseGPT).
+    scores: ScoreFn | None = None
 
     @property
     def supports_fast(self) -> bool:
@@ -196,7 +206,7 @@ class Criterion:
         return not self.needs_hessian
 
 
-def _prune_by_scores(scores: Callable[[torch.Tensor, "InputStats | None"], torch.Tensor]) -> PruneFn:
+def _prune_by_scores(scores: ScoreFn) -> PruneFn:
     def prune(weight: torch.Tensor, stats, sparsity: float, spec: PruneSpec) -> torch.Tensor:
         keep = keep_mask(scores(weight, stats), sparsity, spec.pattern)
         weight.mul_(keep.to(weight.dtype))
@@ -215,11 +225,16 @@ def _prune_sparsegpt(weight: torch.Tensor, stats, sparsity: float, spec: PruneSp
     return keep
 
 
+def _by_scores(name: str, scores: ScoreFn, needs_data: bool = True) -> Criterion:
+    """A criterion that drops the lowest ``scores`` of every row (or N:M group) and changes nothing else."""
+    return Criterion(name, _prune_by_scores(scores), needs_data=needs_data, scores=scores)
+
+
 CRITERIA: dict[str, Criterion] = {
     criterion.name: criterion
     for criterion in (
-        Criterion("magnitude", _prune_by_scores(lambda weight, _stats: magnitude_scores(weight)), needs_data=False),
-        Criterion("wanda", _prune_by_scores(lambda weight, stats: wanda_scores(weight, stats.sq_mean))),
+        _by_scores("magnitude", lambda weight, _stats: magnitude_scores(weight), needs_data=False),
+        _by_scores("wanda", lambda weight, stats: wanda_scores(weight, stats.sq_mean)),
         Criterion("sparsegpt", _prune_sparsegpt, needs_hessian=True),
     )
 }

@@ -58,13 +58,18 @@ def kl_sum(student_logits: torch.Tensor, targets: Targets, temperature: float) -
     log_teacher = targets.log_probs.float()
     if targets.indices is None:
         return (log_teacher.exp() * (log_teacher - log_student)).sum()
-    log_student_support = log_student.gather(-1, targets.indices.long())
+    return support_kl(log_teacher, log_student.gather(-1, targets.indices.long())).sum()
+
+
+def support_kl(log_teacher: torch.Tensor, log_student: torch.Tensor) -> torch.Tensor:
+    """Per token, the KL over a support S plus the tail bucket (the module docstring's KL_S), from both sides'
+    log-probabilities on S (``[tokens, k]``, float32)."""
     teacher_support = log_teacher.exp()
-    kl = (teacher_support * (log_teacher - log_student_support)).sum(-1)
+    kl = (teacher_support * (log_teacher - log_student)).sum(-1)
     teacher_tail = (1.0 - teacher_support.sum(-1)).clamp(min=0.0)
-    student_tail = (1.0 - log_student_support.exp().sum(-1)).clamp(min=1e-12)
+    student_tail = (1.0 - log_student.exp().sum(-1)).clamp(min=1e-12)
     tail = torch.where(teacher_tail > 0, teacher_tail * (teacher_tail.clamp(min=1e-12).log() - student_tail.log()), 0.0)
-    return (kl + tail).sum()
+    return kl + tail
 
 
 def distillation_loss(

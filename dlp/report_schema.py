@@ -52,6 +52,7 @@ class PruneReport(StageReport):
     layer_scores: list[dict[str, float]] | None
     masks_digest: str
     zero_shot: dict[str, Any] | None = None
+    allocation_details: dict[str, Any] | None = None  # what the allocator adds (the search: its result, fitness)
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_a_registered_allocator_is_a_recipe_choice(monkeypatch):
     """An allocator is one entry: name, whether it needs the scoring sweep, the function; balance does the rest."""
     ramp = Allocator(
         "ramp",
-        lambda settings, _scores, n: [settings.sparsity - 0.1 + 0.2 * i / (n - 1) for i in range(n)],
+        lambda r: [r.settings.sparsity - 0.1 + 0.2 * i / (r.num_layers - 1) for i in range(r.num_layers)],
         needs_scores=False,
     )
     monkeypatch.setitem(ALLOCATORS, "ramp", ramp)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..allocate import ALLOCATORS, compute_sparsities, explicit_sparsities, weighted_mean
+from ..allocate import ALLOCATORS, AllocationRequest, compute_sparsities, explicit_sparsities, weighted_mean
 from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments
 from ..criteria import PruneSpec, get_criterion, parse_pattern
 from ..errors import ResultCheckFailed, require
@@ -90,13 +90,7 @@ def run_prune(
     timings: dict[str, float] = {}
 
     params = layer_param_counts(model)
-    scoring = None
-    fast = prune_args.prune_mode == "fast" and get_criterion(prune_args.criterion).needs_data
-    if ALLOCATORS[prune_args.allocation].needs_scores or fast:
-        start = time.perf_counter()  # fast mode prunes from this sweep's statistics, so it always runs it
-        scoring = dense_layer_scores(out, model, model_args, calib_args, calibration, prune_args.owl_m, fast)
-        timings["score_s"] = time.perf_counter() - start
-    sparsities = compute_sparsities(prune_args, scoring.layers if scoring else None, params)
+    scoring, sparsities = _allocate(out, inputs, model_args, calib_args, prune_args, params, timings)
     target = weighted_mean(sparsities, params)  # = sparsity, except for an explicit list (its own weighted mean)
     print(
         "[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities) + f" (overall {100 * target:.2f}%)"
@@ -144,6 +138,7 @@ def run_prune(
         target_sparsity=target,
         **_sparsity_section(model, masks, sparsities),
         layer_scores=[asdict(s) for s in scoring.layers] if scoring else None,
+        allocation_details=describe(out) if (describe := ALLOCATORS[prune_args.allocation].describe) else None,
     )
     if eval_args.eval_tasks:
         report.zero_shot = zero_shot(
@@ -151,6 +146,45 @@ def run_prune(
         )
     write_stage_report(out, report)
     return report
+
+
+def _allocate(
+    out: Path,
+    inputs,
+    model_args,
+    calib_args: CalibrationArguments,
+    prune_args: PruneArguments,
+    params: list[int],
+    timings: dict[str, float],
+):
+    """(the dense sweep's scoring or None, the per-layer sparsities): the sweep runs when the allocator needs its
+    scores or statistics, or when fast mode prunes from them; ``timings`` gets score_s and allocate_s."""
+    allocator = ALLOCATORS[prune_args.allocation]
+    fast = prune_args.prune_mode == "fast" and get_criterion(prune_args.criterion).needs_data
+    keep_stats = fast or allocator.needs_stats
+    scoring = None
+    if allocator.needs_scores or keep_stats:
+        start = time.perf_counter()
+        scoring = dense_layer_scores(
+            out, inputs.model, model_args, calib_args, inputs.calibration, prune_args.owl_m, keep_stats
+        )
+        timings["score_s"] = time.perf_counter() - start
+    request = AllocationRequest(
+        prune_args,
+        scoring.layers if scoring else None,
+        params,
+        model=inputs.model,
+        input_ids=inputs.calibration.input_ids,
+        stats=scoring.stats if scoring else None,
+        out=out,
+        device=inputs.device,
+        batch_size=calib_args.calibration_batch_size,
+        seed=calib_args.seed,
+    )
+    start = time.perf_counter()
+    sparsities = compute_sparsities(prune_args, request.scores, params, request)
+    timings["allocate_s"] = time.perf_counter() - start
+    return scoring, sparsities
 
 
 def mask_metadata(
