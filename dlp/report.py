@@ -130,7 +130,22 @@ def summary_markdown(report: dict[str, Any]) -> str:
     ]
     if any_ppl:
         lines += [f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.", ""]
-    return "\n".join(lines + _layer_table(report))
+    return "\n".join(lines + _search_lines(report.get("allocation_details")) + _layer_table(report))
+
+
+def _search_lines(details: dict[str, Any] | None) -> list[str]:
+    """The searched allocation's result, when the run searched (``search/allocation.json``)."""
+    if not details or "start_fitness" not in details:
+        return []
+    return [
+        f"Allocation searched for {details['search_s']:.0f} s ({details['generations']} generations) from "
+        f"**{details['start']}**: KL to the dense model on all {details['fitness_windows']} calibration windows "
+        f"{details['start_fitness']:.4f} → **{details['fitness']:.4f}** (kept: {details['kept']}). "
+        "One-pass starts: " + ", ".join(f"{k} {v:.4f}" for k, v in details["start_candidates"].items()) + ".",
+        "",
+        "![search fitness](search/fitness.png) ![searched sparsities](search/sparsities.png)",
+        "",
+    ]
 
 
 def _distillation_lines(report: dict[str, Any]) -> list[str]:

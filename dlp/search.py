@@ -577,20 +577,40 @@ def _publish(directory: Path, grid: LevelGrid, state: SearchState, request: Allo
 
 
 def _plot(directory: Path, grid: LevelGrid, state: SearchState, request: AllocationRequest) -> None:
+    """``fitness.png`` (the KL over the search) and ``sparsities.png`` (searched beside the start's and DLP's)."""
     from .report import _pyplot, _save_png
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    times = [0.0] + [h["elapsed_s"] for h in state.history]
-    values = [state.start["candidates"][state.start["allocation"]]] + [h["fitness"] for h in state.history]
-    ax.plot(times, values, color="#4C72B0", marker="." if len(times) < 40 else None, linewidth=1.2)
+    times = [h["elapsed_s"] for h in state.history]
+    values = [h["fitness"] for h in state.history]
+    # each generation's figure is on that generation's own windows, hence the noise: a moving mean shows the trend
+    window = max(1, len(values) // 10)
+    ax.plot(times, values, ".", color="#9DB4D8", label="selection tokens of each generation")
+    ax.plot(times, _moving_mean(values, window), color="#4C72B0", linewidth=1.4, label=f"mean of the last {window}")
+    final = state.final
+    if final is not None:
+        end = times[-1] if times else 0.0
+        ax.plot([0.0, end], [final["start_fitness"], final["search_fitness"]], "*", color="#C44E52", markersize=10,
+                label=f"start and result, all {final['windows']} windows")  # fmt: skip
     ax.set_xlabel("search time (s)")
-    ax.set_ylabel("KL to dense (selection tokens)")
+    ax.set_ylabel("KL to dense")
     ax.set_title(f"allocation search: {state.generation} generations from {state.start['allocation']}")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_png(fig, directory / "fitness.png")
+    _plot_sparsities(directory, grid, state, request)
 
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(values))]
+
+
+def _plot_sparsities(directory: Path, grid: LevelGrid, state: SearchState, request: AllocationRequest) -> None:
+    from .report import _pyplot, _save_png
+
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * grid.num_layers + 2), 3.6))
     layers = range(grid.num_layers)
     ax.bar(layers, [100 * s for s in grid.sparsities(state.final["levels"])], color="#4C72B0", label="searched")

@@ -191,6 +191,7 @@ def test_a_killed_search_resumes_to_the_same_result(search_model_dir, tmp_path):
     report = json.loads((whole / "report.json").read_text())
     assert report["allocation_details"]["generations"] == 30
     assert report["layer_sparsity"]["allocated"] == theirs["sparsities"]
+    assert "Allocation searched for" in (whole / "summary.md").read_text()
 
 
 def test_the_pipeline_searches_once_and_trains_on_every_rank(tiny_model_dir, tmp_path):
