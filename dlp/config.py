@@ -116,6 +116,10 @@ class PruneArguments:
     search_levels: int = field(default=25, metadata={"help": "search: levels either side of the target, per layer."})
     search_topk: int = field(default=128, metadata={"help": "search: dense top-k tokens kept for the KL fitness."})
     search_max_swaps: int = field(default=3, metadata={"help": "search: one-level swaps per mutation, at most."})
+    search_precision: str = field(
+        default="auto",
+        metadata={"help": "search: forwards in bf16 autocast or float32; auto = bf16 where the device has bf16 units."},
+    )
     # --- criterion and pattern
     criterion: str = field(default="wanda", metadata={"help": f"Pruning criterion: {', '.join(CRITERIA)}."})
     pattern: str = field(

@@ -81,7 +81,7 @@ def test_same_seed_bit_identical_masks_other_seed_differs(tmp_path, tiny_args):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--allocation", "best"], "allocation must be one of uniform, owl, dlp, lr, explicit (got 'best')"),
+        (["--allocation", "best"], "allocation must be one of uniform, owl, dlp, lr, explicit, search (got 'best')"),
         (["--pattern", "2:4"], "pattern 2:4 fixes every layer at 50% sparsity, so allocation must be uniform"),
         (["--pattern", "2:4", "--allocation", "uniform"], "set sparsity: 0.5"),
         (["--pattern", "4-8"], "pattern must be 'unstructured' or 'N:M'"),

@@ -111,6 +111,7 @@ def test_search_settings_are_checked():
         (dict(search_tokens="a,b"), "search_tokens must be comma-separated positive integers"),
         (dict(search_levels=200), "search_levels must be at most 126"),
         (dict(search_step=0.5), r"search_step must be in \(0, 0.1\]"),
+        (dict(search_precision="fp16"), "search_precision must be one of auto, bf16, float32"),
     ):
         with pytest.raises(DlpError, match=message):
             PruneArguments(allocation="search", **fields)

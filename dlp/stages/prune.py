@@ -26,11 +26,12 @@ from ..masks import MaskSet, model_fingerprint
 from ..modeling import find_decoder_layers, prunable_linears
 from ..preflight import ModelPlan, check_lengths, check_masks_fit, check_pattern_fits, inspect_model
 from ..projections import logical_shape
-from ..pruner import layer_param_counts, prune_model
+from ..pruner import Scoring, layer_param_counts, prune_model
 from ..report import layer_sparsity_from_modules, write_stage_report
 from ..report_schema import PruneReport
 from .base import (
     CompressionMethod,
+    StageStart,
     check_run_inputs,
     dense_layer_scores,
     finished_run,
@@ -150,13 +151,13 @@ def run_prune(
 
 def _allocate(
     out: Path,
-    inputs,
+    inputs: StageStart,
     model_args,
     calib_args: CalibrationArguments,
     prune_args: PruneArguments,
     params: list[int],
     timings: dict[str, float],
-):
+) -> tuple[Scoring | None, list[float]]:
     """(the dense sweep's scoring or None, the per-layer sparsities): the sweep runs when the allocator needs its
     scores or statistics, or when fast mode prunes from them; ``timings`` gets score_s and allocate_s."""
     allocator = ALLOCATORS[prune_args.allocation]
