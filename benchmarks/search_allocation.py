@@ -83,20 +83,15 @@ def curve(run_dir: Path, report: dict, points: int) -> list[dict]:
 
 
 def plot(path: Path, rows: list[dict], dlp_ppl: float, sparsity: float) -> None:
-    from dlp.report import _pyplot, _save_png
+    from dlp.report import _pyplot, finish_line_plot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     ax.plot([r["search_s"] for r in rows], [r["ppl"] for r in rows], marker="o", color="#4C72B0", label="search")
     ax.axhline(dlp_ppl, color="#C44E52", linestyle="--", label=f"DLP {dlp_ppl:.1f}")
     ax.axhline(0.8 * dlp_ppl, color="grey", linestyle=":", label="0.8 × DLP")
-    ax.set_xlabel("search time (s)")
-    ax.set_ylabel("WikiText-2 test perplexity")
-    ax.set_title(f"SmolLM2-135M, Wanda {sparsity:.0%}: perplexity over the search")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save_png(fig, path)
+    title = f"SmolLM2-135M, Wanda {sparsity:.0%}: perplexity over the search"
+    finish_line_plot(fig, ax, path, "search time (s)", "WikiText-2 test perplexity", title)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -46,6 +46,17 @@ def _save_png(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def finish_line_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Axis labels, title, legend and grid of a line plot, then the PNG (the search's plots share this ending)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def plot_layer_sparsity(
     path: Path, measured: list[float], target: float, title: str, ylabel: str = "sparsity (%)"
 ) -> Path:

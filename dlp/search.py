@@ -608,7 +608,7 @@ def _publish(directory: Path, grid: LevelGrid, state: SearchState, request: Allo
 
 def _plot(directory: Path, grid: LevelGrid, state: SearchState, request: AllocationRequest) -> None:
     """``fitness.png`` (the KL over the search) and ``sparsities.png`` (searched beside the start's and DLP's)."""
-    from .report import _pyplot, _save_png
+    from .report import _pyplot, finish_line_plot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
@@ -623,13 +623,8 @@ def _plot(directory: Path, grid: LevelGrid, state: SearchState, request: Allocat
         end = times[-1] if times else 0.0
         ax.plot([0.0, end], [final["start_fitness"], final["search_fitness"]], "*", color="#C44E52", markersize=10,
                 label=f"start and result, all {final['windows']} windows")  # fmt: skip
-    ax.set_xlabel("search time (s)")
-    ax.set_ylabel("KL to dense")
-    ax.set_title(f"allocation search: {state.generation} generations from {state.start['allocation']}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save_png(fig, directory / "fitness.png")
+    title = f"allocation search: {state.generation} generations from {state.start['allocation']}"
+    finish_line_plot(fig, ax, directory / "fitness.png", "search time (s)", "KL to dense", title)
     _plot_sparsities(directory, grid, state, request)
 
 
