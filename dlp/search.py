@@ -62,7 +62,7 @@ from .criteria import get_criterion, row_drop_counts
 from .distill import Targets, support_kl
 from .errors import require
 from .io import atomic_write_json, claim_dir, read_json
-from .modeling import find_decoder_layers, find_linears
+from .modeling import find_decoder_layers, find_linears, prunable_linears
 from .process import cpu_has_bf16_matrix_units
 from .projections import logical_weight
 
@@ -482,7 +482,7 @@ def _state_key(request: AllocationRequest, grid: LevelGrid, plan: SearchPlan) ->
     """What a saved search depends on: model weights and calibration data, the grid, the plan (but not its budget:
     a rerun with more generations or time continues), the criterion, the one-pass settings and the seed."""
     settings, model = request.settings, request.model
-    weights = sum(float(logical_weight(module).detach().double().sum()) for module in _linears(model).values())
+    weights = sum(float(logical_weight(module).detach().double().sum()) for module in prunable_linears(model).values())
     plan_fields = {k: v for k, v in plan.__dict__.items() if k not in ("generations", "time_budget")}
     data = {
         "grid": [grid.target, grid.step, grid.params, grid.low, grid.high],
@@ -497,11 +497,6 @@ def _state_key(request: AllocationRequest, grid: LevelGrid, plan: SearchPlan) ->
         "precision": fitness_precision(plan.precision, torch.device(request.device)),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _linears(model: nn.Module) -> dict[str, nn.Module]:
-    prefix, layers = find_decoder_layers(model)
-    return {f"{prefix}.{i}.{name}": lin for i, layer in enumerate(layers) for name, lin in find_linears(layer).items()}
 
 
 def _evolve(searcher: _Searcher, state: SearchState, directory: Path) -> None:
