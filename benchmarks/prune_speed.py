@@ -14,7 +14,13 @@ Three variants run one after another, each in a fresh process (so peak RSS is it
   statistics; every Linear is then pruned from those statistics, with no second sweep.
 
 Perplexity (first 64×512 windows of the WikiText-2 test split) of ``engine`` and ``fast`` is measured after the
-timed part. On CUDA the peak device memory is reported too.
+timed part. On CUDA the peak device memory is reported too, the clocks are read after a synchronisation, the model
+runs in bfloat16 (``--dtype``; float32 on a CPU, where the figures in the README were measured), the engine's
+placement of the hidden states is printed, and the masks' agreement with the baseline's is counted bit by bit (GPU
+kernels are not bit-deterministic, so digests may differ where almost every bit agrees).
+
+    python benchmarks/prune_speed.py --model M --nsamples 128 --seqlen 2048 --dtype float16 --variants engine \
+        --memory_cap_gib 24 --ppl 0        # paper scale inside a 24 GB card (the cap is enforced by torch)
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +44,7 @@ from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import perplexity  # noqa: E402
 from dlp.io import atomic_write_json  # noqa: E402
 from dlp.criteria import PruneSpec, prune_linear  # noqa: E402
-from dlp.pruner import _layer_score, layer_param_counts, prune_model, score_layers  # noqa: E402
+from dlp.pruner import _layer_score, layer_param_counts, prune_model, score_layers, token_cosines  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.modeling import DEMO_MODEL, find_decoder_layers, find_linears, load_model_and_tokenizer  # noqa: E402
 from dlp.process import setup  # noqa: E402
@@ -107,7 +114,8 @@ def baseline(model, ids, device) -> MaskSet:
         linears, stats = _statistics_pass(layer, inps, kwargs)
         outs = _run_layer(layer, inps, kwargs)
         ctx = LayerContext(index, layer, linears, inps, device, None)
-        scores.append(_layer_score(ctx, stats, outs, 5.0))
+        cosine = torch.cat([token_cosines(inps[j], outs[j]) for j in range(inps.shape[0])])
+        scores.append(_layer_score(ctx, stats, cosine, 5.0))
         inps = outs
     sparsities = balance(
         dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY
@@ -122,29 +130,40 @@ def baseline(model, ids, device) -> MaskSet:
     return MaskSet(masks)
 
 
-def engine(model, ids, device, mode: str) -> MaskSet:
-    scoring = score_layers(model, ids, device=device, batch_size=8, keep_stats=mode == "fast")
+def engine(model, ids, device, mode: str, memory: str) -> MaskSet:
+    scoring = score_layers(model, ids, device=device, batch_size=8, keep_stats=mode == "fast", memory=memory)
     scores, stats = scoring.layers, scoring.stats
     sparsities = balance(
         dlp_sparsities([s.wanda_median for s in scores], SPARSITY, ALPHA), layer_param_counts(model), SPARSITY
     )
-    return prune_model(model, ids, sparsities, PruneSpec("wanda"), mode=mode, device=device, batch_size=8, stats=stats)
+    spec = PruneSpec("wanda")
+    return prune_model(model, ids, sparsities, spec, mode=mode, device=device, batch_size=8, stats=stats, memory=memory)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_variant(variant: str, args) -> dict:
     setup(0)
     device = torch.device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    if device.type == "cuda" and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     ids = load_calibration(tokenizer, "builtin:wikitext2-valid", args.nsamples, args.seqlen, seed=0).input_ids
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
+    _synchronize(device)
     start = time.perf_counter()
-    masks = (
-        baseline(model, ids, device)
-        if variant == "baseline"
-        else engine(model, ids, device, variant.replace("engine", "sequential"))
-    )
+    if variant == "baseline":
+        masks = baseline(model, ids, device)
+    else:
+        masks = engine(model, ids, device, variant.replace("engine", "sequential"), args.calibration_memory)
+    _synchronize(device)
     seconds = time.perf_counter() - start
+    masks.save(Path(args.masks_dir) / f"{variant}.safetensors")
     result = {
         "variant": variant,
         "seconds": seconds,
@@ -153,11 +172,18 @@ def run_variant(variant: str, args) -> dict:
         "sparsity": masks.sparsity_report()["overall"],
     }
     if device.type == "cuda":
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if variant != "baseline" and args.ppl:
         model.to("cpu")
         result["ppl"] = perplexity(model, tokenizer, "builtin:wikitext2-test", 512, 64, device=device).value
     return result
+
+
+def bit_agreement(left: Path, right: Path) -> float:
+    """Share of mask bits two runs agree on (1.0: identical masks)."""
+    a, b = MaskSet.load(left).masks, MaskSet.load(right).masks
+    differing = sum(int((a[name] != b[name]).sum()) for name in a)
+    return 1.0 - differing / sum(mask.numel() for mask in a.values())
 
 
 def main() -> None:
@@ -166,46 +192,59 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16; default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--variants", default="baseline,engine,fast", help="a comma-separated subset")
+    parser.add_argument("--calibration_memory", default="auto", help="the engine's budget: auto | host | GiB")
+    parser.add_argument("--memory_cap_gib", type=float, default=0, help="CUDA: cap this process's device memory")
     parser.add_argument("--ppl", type=int, default=1, help="1: also measure perplexity of engine and fast")
     parser.add_argument("--variant", choices=["baseline", "engine", "fast"], help=argparse.SUPPRESS)
+    parser.add_argument("--masks_dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/prune_speed.json")
     args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args.variant, args)), flush=True)
         return
+    variants = args.variants.split(",")
+    if any(v not in ("baseline", "engine", "fast") for v in variants):
+        parser.error("--variants takes a comma-separated subset of baseline, engine, fast")
     results = {}
-    for variant in ("baseline", "engine", "fast"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--model",
-            args.model,
-            "--nsamples",
-            str(args.nsamples),
-            "--seqlen",
-            str(args.seqlen),
-            "--device",
-            args.device,
-            "--ppl",
-            str(args.ppl),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((row for row in proc.stdout.splitlines() if row.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(line[len("RESULT ") :])
-        print(json.dumps(results[variant]), flush=True)
-    base, eng, fast = results["baseline"], results["engine"], results["fast"]
-    summary = {
-        "speedup_engine": base["seconds"] / eng["seconds"],
-        "speedup_fast": base["seconds"] / fast["seconds"],
-        "masks_identical_engine_vs_baseline": base["masks_digest"] == eng["masks_digest"],
-        "ppl_fast_vs_engine": (fast["ppl"] / eng["ppl"] - 1) if args.ppl else None,
-    }
+    with tempfile.TemporaryDirectory() as masks_dir:
+        for variant in variants:
+            forwarded = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+            forwarded += ["--device", args.device, "--dtype", args.dtype, "--ppl", str(args.ppl)]
+            forwarded += ["--calibration_memory", args.calibration_memory, "--memory_cap_gib", str(args.memory_cap_gib)]
+            cmd = [sys.executable, __file__, "--variant", variant, "--masks_dir", masks_dir, *forwarded]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((row for row in proc.stdout.splitlines() if row.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+            placement = [row for row in proc.stdout.splitlines() if row.startswith("[dlp] calibration")]
+            results[variant] = json.loads(line[len("RESULT ") :]) | ({"placement": placement[0]} if placement else {})
+            print(json.dumps(results[variant]), flush=True)
+        summary = _summary(results, Path(masks_dir), args)
     atomic_write_json(args.out, {"config": vars(args), "results": results, "summary": summary})
     print(json.dumps(summary, indent=2))
+
+
+def _summary(results: dict, masks_dir: Path, args) -> dict:
+    """Ratios against the baseline (when it ran) and the engine's masks' bit agreement with it."""
+    summary = {}
+    base = results.get("baseline")
+    for variant in ("engine", "fast"):
+        if variant not in results or base is None:
+            continue
+        summary[f"speedup_{variant}"] = base["seconds"] / results[variant]["seconds"]
+        if "peak_cuda_mib" in base:
+            summary[f"peak_cuda_ratio_{variant}"] = results[variant]["peak_cuda_mib"] / base["peak_cuda_mib"]
+    if base is not None and "engine" in results:
+        summary["masks_identical_engine_vs_baseline"] = base["masks_digest"] == results["engine"]["masks_digest"]
+        summary["mask_bit_agreement_engine_vs_baseline"] = bit_agreement(
+            masks_dir / "baseline.safetensors", masks_dir / "engine.safetensors"
+        )
+    if args.ppl and {"engine", "fast"} <= results.keys():
+        summary["ppl_fast_vs_engine"] = results["fast"]["ppl"] / results["engine"]["ppl"] - 1
+    return summary
 
 
 if __name__ == "__main__":

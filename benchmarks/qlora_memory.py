@@ -7,6 +7,14 @@ in its own fresh process, so each figure is its own: the bytes of the model's te
 adapters: the footprint QLoRA shrinks), the resident set size once the model is loaded and wrapped, and the
 peak resident set size over the whole process; on a GPU also ``torch.cuda.max_memory_allocated``. The
 variants run one after the other in this one invocation. Results: ``benchmarks/results/qlora_memory.json``.
+
+The base is prepared as the pipeline prepares it (``dlp.quantize.prepare_4bit_for_training``). It runs where
+training runs: on a GPU the default variants are the 16-bit pair (``lora_bf16``, ``qlora_nf4_bf16``) with
+activation checkpointing off and on (``--checkpointing off,on``), and the summary gives the QLoRA/LoRA ratio of
+CUDA peaks for each; on a CPU all four variants, checkpointing off, as the README's table was measured. Clocks
+are read after a synchronisation.
+
+    python benchmarks/qlora_memory.py --prune_dir P --batch 4 --seqlen 2048      # on a GPU
 """
 
 from __future__ import annotations
@@ -80,12 +88,19 @@ def timed_steps(model, windows: torch.Tensor, batch: int, steps: int, device: to
     model.train()
     seconds = []
     for step in range(steps):
+        _synchronize(device)
         start = time.perf_counter()
         loss_of(windows[step * batch : (step + 1) * batch].to(device)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def worker(variant: str, args) -> dict:
@@ -95,9 +110,10 @@ def worker(variant: str, args) -> dict:
     from dlp.finetune import masked_lora_model
     from dlp.masks import MaskSet
     from dlp.modeling import load_model_and_tokenizer
-    from dlp.quantize import bnb_config
+    from dlp.quantize import bnb_config, enable_activation_checkpointing, prepare_4bit_for_training
 
-    dtype, four_bit = VARIANTS[variant]
+    name, checkpointing = variant.rsplit(":", 1) if ":" in variant else (variant, "off")
+    dtype, four_bit = VARIANTS[name]
     model_args = ModelConfig(
         dtype=dtype, load_in_4bit=four_bit, use_bnb_nested_quant=True, lora_r=16, lora_alpha=32, lora_dropout=0.0
     )
@@ -107,6 +123,10 @@ def worker(variant: str, args) -> dict:
         str(Path(args.prune_dir) / "model"), dtype, "sdpa", bnb_config(model_args)
     )
     model = model.to(device) if not four_bit else model
+    if four_bit:
+        prepare_4bit_for_training(model, checkpointing == "on")
+    elif checkpointing == "on":
+        enable_activation_checkpointing(model)
     peft_model = masked_lora_model(model, MaskSet.load(Path(args.prune_dir) / "masks.safetensors"), model_args)
     loaded = {
         "model_tensors_mib": tensor_mib(peft_model),
@@ -116,11 +136,16 @@ def worker(variant: str, args) -> dict:
     windows = load_training_windows(
         tokenizer, "builtin:wikitext2-valid", args.seqlen, max_windows=args.batch * args.steps
     )
-    seconds = timed_steps(
-        peft_model, windows, args.batch, args.steps, device, lambda ids: peft_model(input_ids=ids, labels=ids).loss
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16" and device.type == "cuda")
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return peft_model(input_ids=ids, labels=ids).loss
+
+    seconds = timed_steps(peft_model, windows, args.batch, args.steps, device, loss_of)
     result = {
         "variant": variant,
+        "activation_checkpointing": checkpointing == "on",
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_model_mib": before_model,
         **loaded,
@@ -133,13 +158,26 @@ def worker(variant: str, args) -> dict:
     return result
 
 
+def cuda_ratios(results: list[dict]) -> dict[str, float]:
+    """QLoRA (NF4, bf16 compute) over 16-bit LoRA CUDA peak, per checkpointing setting measured for both."""
+    peaks = {row["variant"]: row["cuda_peak_mib"] for row in results if "cuda_peak_mib" in row}
+    ratios = {}
+    for setting in ("off", "on"):
+        lora, qlora = peaks.get(f"lora_bf16:{setting}"), peaks.get(f"qlora_nf4_bf16:{setting}")
+        if lora and qlora:
+            ratios[f"checkpointing_{setting}"] = qlora / lora
+    return ratios
+
+
 def main() -> None:
+    on_gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prune_dir", default="outputs/smollm2-135m/dlp_wanda_70_lora/prune")
     parser.add_argument("--steps", type=int, default=1, help="Peak memory is reached in the first step.")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="lora_bf16,qlora_nf4_bf16" if on_gpu else ",".join(VARIANTS))
+    parser.add_argument("--checkpointing", default="off,on" if on_gpu else "off", help="activation checkpointing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
@@ -148,34 +186,27 @@ def main() -> None:
         return
     if not (Path(args.prune_dir) / "masks.safetensors").is_file():
         sys.exit(f"error: prune_dir: no masks.safetensors in {args.prune_dir} (run train/prune.py first)")
+    names, settings = args.variants.split(","), args.checkpointing.split(",")
+    if any(n not in VARIANTS for n in names) or any(c not in ("off", "on") for c in settings):
+        sys.exit(f"error: --variants takes {', '.join(VARIANTS)}; --checkpointing takes off, on")
     results = []
-    for variant in args.variants.split(","):
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            variant,
-            "--prune_dir",
-            args.prune_dir,
-            "--steps",
-            str(args.steps),
-            "--batch",
-            str(args.batch),
-            "--seqlen",
-            str(args.seqlen),
-        ]
+    for variant in [f"{name}:{setting}" for setting in settings for name in names]:
+        command = [sys.executable, __file__, "--worker", variant, "--prune_dir", args.prune_dir]
+        command += ["--steps", str(args.steps), "--batch", str(args.batch), "--seqlen", str(args.seqlen)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        row = results[-1]
-        print(memory_line(f"{variant:15s}", row), flush=True)
+        print(memory_line(f"{variant:18s}", results[-1]), flush=True)
     summary = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "prune_dir": args.prune_dir,
         "batch": args.batch,
         "seqlen": args.seqlen,
         "steps": args.steps,
         "results": results,
+        "cuda_peak_qlora_over_lora": cuda_ratios(results),
     }
+    if summary["cuda_peak_qlora_over_lora"]:
+        print("CUDA peak, QLoRA NF4 / 16-bit LoRA: " + json.dumps(summary["cuda_peak_qlora_over_lora"]))
     if not args.no_save:
         atomic_write_json(RESULTS, summary)
 

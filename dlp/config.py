@@ -16,6 +16,7 @@ from typing import Sequence
 from .allocate import ALLOCATIONS, ALLOCATORS, DLP_STATISTICS, SLICING_ALLOCATIONS, parse_layer_sparsities
 from .criteria import CRITERIA, parse_pattern
 from .errors import DlpError, require
+from .placement import check_memory_setting
 from .pruner import check_prune_mode
 
 
@@ -60,6 +61,13 @@ class CalibrationArguments:
     device: str = field(
         default="auto", metadata={"help": "Compute device for the sweep and evaluation: auto, cpu, cuda, cuda:N."}
     )
+    calibration_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "Device memory the sweep may hold calibration hidden states in: auto (80% of what is free, "
+            "within a per-process cap), a size in GiB, or host (park them in pinned host memory). No effect on CPU."
+        },
+    )
     seed: int = field(default=0, init=False)  # set from the recipe's seed after parsing (see the class docstring)
 
     def __post_init__(self) -> None:
@@ -68,6 +76,7 @@ class CalibrationArguments:
         require(
             self.calibration_batch_size >= 1, f"calibration_batch_size must be >= 1 (got {self.calibration_batch_size})"
         )
+        check_memory_setting(self.calibration_memory)
 
     def seeded(self, seed: int) -> "CalibrationArguments":
         """These settings with the run's seed (the one ``seed`` key of the recipe)."""

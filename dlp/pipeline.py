@@ -7,7 +7,7 @@ Layout of ``output_dir`` (each artifact is written atomically; its presence mark
   script reused (``prune_dir``, ``slice_dir``);
 * ``finetune/checkpoint-N``: trainer checkpoints, resumed from after an interruption;
 * ``adapter/``: the trained mask-exact LoRA adapter and its training log;
-* ``merge.json`` then ``model/``: the merged sparse model (loads with plain transformers) and its masks;
+* ``model/`` then ``merge.json``: the merged sparse model (loads with plain transformers) and its masks;
 * ``eval.json``: perplexity of the exported model, reloaded without dlp;
 * ``report.json``, ``summary.md``, ``sparsity.png``, ``loss.png`` and the model card ``model/README.md``;
   ``report.json`` comes last and marks the whole run finished.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,10 @@ from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapt
 from .modeling import load_model_and_tokenizer
 from .preflight import ModelPlan, check_teacher
 from .process import resolve_device
-from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout
+from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout, prepare_4bit_for_training
 from .report import write_finetune_report
 from .report_schema import FinetuneReport, StageReport
+from .resources import peak_memory, timed
 from .stages import CompressionMethod, get_method
 from .stages.base import finished_report
 
@@ -330,16 +330,16 @@ def _finetune_stage(
     distillation=None,
 ) -> None:
     quantization = bnb_config(model_args)
-    model, tokenizer = load_model_and_tokenizer(
-        str(stage_dir / "model"), model_args.dtype or "float32", model_args.attn_implementation or "sdpa", quantization
-    )
-    if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(sft_args.activation_checkpointing)
+    with timed(timings := {}, "load"):
+        model, tokenizer = load_model_and_tokenizer(
+            str(stage_dir / "model"),
+            model_args.dtype or "float32",
+            model_args.attn_implementation or "sdpa",
+            quantization,
         )
-    peft_model = masked_lora_model(model, masks, model_args, method.lora_targets(model))
+        if quantization is not None:
+            model = prepare_4bit_for_training(model, bool(sft_args.activation_checkpointing))
+        peft_model = masked_lora_model(model, masks, model_args, method.lora_targets(model))
     if state.is_main_process:
         peft_model.print_trainable_parameters()
     describe_zero3_shards(model, state)
@@ -353,9 +353,11 @@ def _finetune_stage(
     finally:
         sft_args.output_dir = run_dir
     staging = out / f"{TEMP_PREFIX}adapter"
-    trainer.save_model(str(staging))  # every process takes part (sharded engines gather); the main one writes
+    with timed(timings, "save_adapter"):
+        trainer.save_model(str(staging))  # every process takes part (sharded engines gather); the main one writes
     if state.is_main_process:
-        atomic_write_json(staging / "training_log.json", asdict(result))
+        log = {**asdict(result), "load_seconds": timings["load_s"], "save_seconds": timings["save_adapter_s"]}
+        atomic_write_json(staging / "training_log.json", log)
         if quantization is not None:  # what merge_base dequantized rebuilds the trained-on base from
             atomic_write_json(staging / QUANTIZATION_FILE, quantization.to_dict())
         mark_dir(staging)  # the adapter is dlp's to replace
@@ -381,19 +383,22 @@ def _merge_export_evaluate(
     dtype = model_args.dtype or "float32"
     merge_info = read_json(out / "merge.json")
     if merge_info is None or not (out / "model" / "config.json").is_file():
-        start = time.perf_counter()
-        peft_model, tokenizer = load_adapter_model(
-            stage_dir / "model", out / "adapter", masks, dtype, ft_args.merge_base
-        )
-        probe = None
-        if ft_args.check_merge:
-            probe = load_training_windows(
-                tokenizer, ft_args.train_data, min(128, sft_args.max_length), ft_args.train_split, max_windows=2
+        parts: dict[str, float] = {}
+        with timed(parts, "merge"):
+            peft_model, tokenizer = load_adapter_model(
+                stage_dir / "model", out / "adapter", masks, dtype, ft_args.merge_base
             )
-        merged, check = merge_masked(peft_model, masks, probe, method.merge_tolerance)
-        merge_info = {**check.to_dict(), "merge_base": ft_args.merge_base, "seconds": time.perf_counter() - start}
-        atomic_write_json(out / "merge.json", merge_info)
-        export_model(merged, tokenizer, masks, out / "model")
+            probe = None
+            if ft_args.check_merge:
+                probe = load_training_windows(
+                    tokenizer, ft_args.train_data, min(128, sft_args.max_length), ft_args.train_split, max_windows=2
+                )
+            merged, check = merge_masked(peft_model, masks, probe, method.merge_tolerance)
+        with timed(parts, "export"):
+            export_model(merged, tokenizer, masks, out / "model")
+        merge_info = {**check.to_dict(), "merge_base": ft_args.merge_base, "seconds": parts["merge_s"]}
+        merge_info["export_seconds"] = parts["export_s"]
+        atomic_write_json(out / "merge.json", merge_info)  # after the export: both are done once it exists
         print(f"[dlp] merged model exported to {out / 'model'} (max |Δlogit| {check.max_logit_diff})")
     if ft_args.export_4bit and not (out / "model-4bit" / "config.json").is_file():
         export_quantized(out / "model", out / "model-4bit", masks, bnb_config(model_args, always=True))
@@ -413,6 +418,7 @@ def _merge_export_evaluate(
         read_json(out / "adapter" / "training_log.json"),
     )
     report.distillation = distillation
+    report.peak_memory = peak_memory(resolve_device(calib_args.device))
     write_finetune_report(out, out / "model", report)
 
 
@@ -500,10 +506,19 @@ def _final_report(
         quantization=bnb_config(model_args).to_dict() if model_args.load_in_4bit else None,
         training={key: training_log[key] for key in ("global_steps", "tokens_seen", "train_seconds", "resumed_from")},
         log_history=training_log["log_history"],
-        timings={
-            **stage_report.timings,
-            "train_s": training_log["train_seconds"],
-            "merge_s": merge_info["seconds"],
-            "eval_finetuned_s": evaluation["perplexity"]["finetuned"]["seconds"],
-        },
+        timings=_pipeline_timings(stage_report, training_log, merge_info, evaluation),
     )
+
+
+def _pipeline_timings(stage_report: StageReport, training_log: dict, merge_info: dict, evaluation: dict) -> dict:
+    """The compression stage's parts, then the pipeline's: loading the base for training, training, saving the
+    adapter, merging, exporting and evaluating the export (parts an older run's artifacts did not time are left out)."""
+    parts = {
+        "train_load_s": training_log.get("load_seconds"),
+        "train_s": training_log["train_seconds"],
+        "save_adapter_s": training_log.get("save_seconds"),
+        "merge_s": merge_info["seconds"],
+        "export_s": merge_info.get("export_seconds"),
+        "eval_finetuned_s": evaluation["perplexity"]["finetuned"]["seconds"],
+    }
+    return {**stage_report.timings, **{name: value for name, value in parts.items() if value is not None}}

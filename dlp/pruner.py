@@ -50,12 +50,11 @@ def layer_param_counts(model: nn.Module) -> list[int]:
     return [sum(math.prod(logical_shape(lin)) for lin in find_linears(layer).values()) for layer in layers]
 
 
-def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], outputs: torch.Tensor, owl_m: float) -> LayerScores:
+def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], cosine: torch.Tensor, owl_m: float) -> LayerScores:
+    """Every allocator's score of one dense layer, from its Linears' input statistics and the per-token cosine
+    between the layer's inputs and outputs (``cosine``, one value per token, computed where the layer ran)."""
     scores = torch.cat(
         [wanda_scores(logical_weight(lin), stats[name].sq_mean).flatten() for name, lin in ctx.linears.items()]
-    )
-    cosine = torch.cat(
-        [F.cosine_similarity(ctx.inputs[i].float(), outputs[i].float(), dim=-1) for i in range(ctx.inputs.shape[0])]
     )
     return LayerScores(
         wanda_median=float(scores.median()),
@@ -64,6 +63,11 @@ def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], outputs: torch
         redundancy=float(cosine.mean()),
         params=scores.numel(),
     )
+
+
+def token_cosines(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """cos(h_in, h_out) per token, flattened (Layer Redundancy's ingredient), in float32."""
+    return F.cosine_similarity(inputs.float(), outputs.float(), dim=-1).flatten()
 
 
 @dataclass
@@ -92,6 +96,7 @@ def score_layers(
     device="cpu",
     batch_size: int = 8,
     keep_stats: bool = False,
+    memory: str = "auto",
 ) -> Scoring:
     """Dense sweep (nothing is pruned): the layer scores every allocator needs.
 
@@ -102,14 +107,15 @@ def score_layers(
     prefix, _ = find_decoder_layers(model)
 
     def visit(ctx: LayerContext) -> torch.Tensor:
+        cosines: list[torch.Tensor] = []
         with collect_input_stats(ctx.linears) as stats:
-            outputs = ctx.forward()
-        scoring.layers.append(_layer_score(ctx, stats, outputs, owl_m))
+            outputs = ctx.forward(on_batch=lambda x, y: cosines.append(token_cosines(x, y)))
+        scoring.layers.append(_layer_score(ctx, stats, torch.cat(cosines), owl_m))
         if scoring.stats is not None:
             scoring.stats.update({f"{prefix}.{ctx.index}.{name}": st for name, st in stats.items()})
         return outputs
 
-    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc="scoring layers")
+    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc="scoring layers", memory=memory)
     return scoring
 
 
@@ -157,6 +163,7 @@ def prune_model(
     device="cpu",
     batch_size: int = 8,
     stats: dict[str, InputStats] | None = None,
+    memory: str = "auto",
 ) -> MaskSet:
     """Prune every decoder-layer Linear in place with per-layer ``sparsities``; return the masks.
 
@@ -177,5 +184,6 @@ def prune_model(
         visit, batch_size = _onepass_visitor(sparsities, spec, masks, prefix), input_ids.shape[0]
     else:
         visit = _sequential_visitor(sparsities, spec, masks, prefix)
-    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc=f"pruning ({spec.criterion}, {mode})")
+    desc = f"pruning ({spec.criterion}, {mode})"
+    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc=desc, memory=memory)
     return MaskSet(masks)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .resources import resources_line
 from .report_schema import FinetuneReport, StageReport
 
 
@@ -131,7 +132,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}, "
         f"sha256 `{report['calibration_sha256'][:16]}…`",
         f"- masks: `masks.safetensors`, digest `{report['masks_digest'][:16]}…`",
-        f"- prune mode {cfg['prune_mode']}; pruning took {report['timings']['prune_s']:.1f} s",
+        f"- prune mode {cfg['prune_mode']}",
+        resources_line(report["timings"], report.get("peak_memory")),
         "",
         "| model | perplexity |",
         "|---|---|",
@@ -182,6 +184,7 @@ def _finetune_lines(report: dict[str, Any]) -> list[str]:
         f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
         f"lr {hyper['learning_rate']}, {train['train_seconds']:.0f} s"
         + (f" (resumed from `{Path(train['resumed_from']).name}`)" if train.get("resumed_from") else ""),
+        resources_line(report["timings"], report.get("peak_memory")),
     ]
 
 
@@ -328,8 +331,8 @@ def slice_markdown(report: dict[str, Any]) -> str:
         "without the vocabulary "
         f"matrices {params['sliced_without_embeddings']:,} of {params['dense_without_embeddings']:,} "
         f"({params['ratio_without_embeddings']:.3f}×)",
-        f"- slicing took {report['timings']['slice_s']:.1f} s; `model/` loads with "
-        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`",
+        "- `model/` loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`",
+        resources_line(report["timings"], report.get("peak_memory")),
         "",
         "| model | perplexity |",
         "|---|---|",

@@ -53,6 +53,7 @@ class PruneReport(StageReport):
     masks_digest: str
     zero_shot: dict[str, Any] | None = None
     allocation_details: dict[str, Any] | None = None  # what the allocator adds (the search: its result, fitness)
+    peak_memory: dict[str, float | None] | None = None  # dlp.resources.peak_memory of the process that ran it
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SliceReport(StageReport):
 
     kind: ClassVar[str] = "slice"
     slicing: dict[str, Any]
+    peak_memory: dict[str, float | None] | None = None  # dlp.resources.peak_memory of the process that ran it
 
 
 @dataclass
@@ -83,6 +85,7 @@ class FinetuneReport:
     timings: dict[str, float]
     compression: dict[str, Any] = field(default_factory=dict)
     distillation: dict[str, Any] | None = None  # the teacher, its mode and the loss mix (None: plain LM loss)
+    peak_memory: dict[str, float | None] | None = None  # of the process that finished the run (dlp.resources)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

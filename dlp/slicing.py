@@ -244,7 +244,13 @@ def _rotate(hidden: torch.Tensor, basis: torch.Tensor, chunk: int = 8) -> torch.
 
 @torch.no_grad()
 def slice_model(
-    model: nn.Module, input_ids: torch.Tensor, widths: Sequence[int], *, device="cpu", batch_size: int = 8
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    widths: Sequence[int],
+    *,
+    device="cpu",
+    batch_size: int = 8,
+    memory: str = "auto",
 ) -> SlicedLlamaForCausalLM:
     """A :class:`SlicedLlamaForCausalLM` with block l's stream ``widths[l]`` wide, built from the dense ``model``
     (left unchanged) and calibration windows ``input_ids``."""
@@ -270,6 +276,7 @@ def slice_model(
         device=device,
         batch_size=batch_size,
         desc="slicing",
+        memory=memory,
     )
     _assign(sliced.model.norm.proj, stream.basis)
     return sliced.eval()

@@ -11,6 +11,9 @@ fast one-pass mode) is a *visitor* run by :func:`sweep`. The engine
    prunes and then re-runs the layer makes the sweep *sequential*: layer l+1 is calibrated on the outputs
    of the already-pruned layer l.
 
+Where the hidden states of all windows live between layer forwards (on the device, or parked in pinned host
+memory) is decided once per sweep by a device-memory budget: see :mod:`dlp.placement`.
+
 Calibration always runs with ``use_cache=False`` and no ``past_key_values``: a cache captured with the first
 layer's inputs and handed to every layer call would make each call attend to earlier samples.
 """
@@ -26,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .modeling import find_decoder_layers, find_linears
+from .placement import Placement, plan_placement
 
 
 class _StopForward(Exception):
@@ -62,16 +66,22 @@ class _RecordingStub(nn.Module):
 
 @dataclass
 class _Recorder:
+    """Collects what enters each layer. The first micro-batch decides where all windows' hidden states will live
+    (``place``), and the buffer for all of them is allocated there once and filled batch by batch."""
+
     num_layers: int
-    offload: torch.device
+    windows: int
+    place: Callable[[torch.Tensor], Placement]
     tuple_outputs: bool = False
-    hidden: list[torch.Tensor] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+    placement: Placement | None = None
+    filled: int = 0
     calls: list[list[tuple[tuple, dict]]] = field(default_factory=list)  # [micro-batch][layer] -> (args, kwargs)
     _expected_shape: torch.Size | None = None
 
     def record(self, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         if index == 0:
-            self.hidden.append(hidden.detach().to(self.offload))
+            self._store(hidden.detach())
             self.calls.append([])
         elif hidden.shape != self._expected_shape:
             raise _TupleOutputs()
@@ -82,15 +92,26 @@ class _Recorder:
         self._expected_shape = hidden.shape
         return (hidden,) if self.tuple_outputs else hidden
 
+    def _store(self, hidden: torch.Tensor) -> None:
+        if self.hidden is None:
+            self.placement = self.place(hidden)
+            shape = (self.windows, *hidden.shape[1:])
+            pinned = self.placement.pinned
+            self.hidden = torch.empty(shape, dtype=hidden.dtype, device=self.placement.store, pin_memory=pinned)
+        rows = hidden.shape[0]
+        self.hidden[self.filled : self.filled + rows].copy_(hidden, non_blocking=self.placement.pinned)
+        self.filled += rows
+
 
 @dataclass
 class CapturedInputs:
     """What enters the decoder stack for every calibration micro-batch."""
 
-    hidden: torch.Tensor  # [nsamples, seqlen, hidden] on the offload device
+    hidden: torch.Tensor  # [nsamples, seqlen, hidden] where ``placement.store`` says
     calls: list[list[tuple[tuple, dict]]]  # [micro-batch][layer] -> (extra positional args, kwargs)
     batch_size: int
     tuple_outputs: bool
+    placement: Placement
 
 
 @contextmanager
@@ -106,12 +127,21 @@ def _layers_replaced(layers: nn.ModuleList, recorder: _Recorder) -> Iterator[Non
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> CapturedInputs:
-    """Run the model with recording stubs to collect every layer's inputs; only non-layer modules compute."""
+def capture_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, memory: str = "auto"
+) -> CapturedInputs:
+    """Run the model with recording stubs to collect every layer's inputs; only non-layer modules compute.
+
+    ``memory`` is the ``calibration_memory`` setting that places the hidden states (:mod:`dlp.placement`)."""
     _, layers = find_decoder_layers(model)
     offload = input_ids.device if input_ids.device.type != "meta" else torch.device("cpu")
+
+    def place(first: torch.Tensor) -> Placement:
+        shape = (input_ids.shape[0], *first.shape[1:])
+        return plan_placement(device, memory, shape, first.dtype, layers[0], batch_size)
+
     for tuple_outputs in (False, True):
-        recorder = _Recorder(len(layers), torch.device("cpu"), tuple_outputs)
+        recorder = _Recorder(len(layers), input_ids.shape[0], place, tuple_outputs)
         with _layers_replaced(layers, recorder):
             model.to(device)  # the stubs hold no parameters: only embeddings, norms and the head move
             try:
@@ -124,8 +154,15 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, d
                 continue
             finally:
                 model.to(offload)
-        return CapturedInputs(torch.cat(recorder.hidden), recorder.calls, batch_size, tuple_outputs)
+        _synchronize(device)
+        return CapturedInputs(recorder.hidden, recorder.calls, batch_size, tuple_outputs, recorder.placement)
     raise RuntimeError("could not capture decoder-layer inputs: the layers' outputs have an unknown structure")
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: the non-blocking copies into host buffers are complete after it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -135,28 +172,41 @@ class LayerContext:
     index: int
     layer: nn.Module
     linears: dict[str, nn.Module]  # the block's prunable projections (nn.Linear or GPT-2's Conv1D)
-    inputs: torch.Tensor  # hidden states entering the layer, [nsamples, seqlen, hidden], offload device
+    inputs: torch.Tensor  # hidden states entering the layer, [nsamples, seqlen, hidden], where the placement says
     device: torch.device
     _captured: CapturedInputs
     is_last: bool = False  # the last decoder layer: nothing downstream needs its outputs
 
     @torch.no_grad()
-    def forward(self, keep_outputs: bool = True) -> torch.Tensor | None:
-        """Run the layer over all calibration samples, micro-batch by micro-batch (batch size of the capture)."""
+    def forward(self, keep_outputs: bool = True, on_batch: BatchHook | None = None) -> torch.Tensor | None:
+        """Run the layer over all calibration samples, micro-batch by micro-batch (batch size of the capture).
+
+        ``on_batch(inputs, outputs)`` sees each micro-batch on the compute device, so a visitor can reduce it
+        there (the LR cosine) instead of reading the whole outputs back from wherever they are stored. Parked
+        hidden states are copied without blocking; the one synchronisation is at the end."""
         outputs = None  # allocated from the first result: a sliced layer's outputs may be wider than its inputs
         size = self._captured.batch_size
+        parked = self.inputs.device != self.device
         for batch, start in enumerate(range(0, self.inputs.shape[0], size)):
             args, kwargs = self._captured.calls[batch][self.index]
-            result = self.layer(self.inputs[start : start + size].to(self.device), *args, **kwargs)
+            part = self.inputs[start : start + size].to(self.device, non_blocking=parked)
+            result = self.layer(part, *args, **kwargs)
             if isinstance(result, (tuple, list)):
                 result = result[0]
+            if on_batch is not None:
+                on_batch(part, result)
             if keep_outputs and outputs is None:
-                outputs = self.inputs.new_empty((self.inputs.shape[0], *result.shape[1:]), dtype=result.dtype)
+                shape = (self.inputs.shape[0], *result.shape[1:])
+                pinned = self.inputs.is_pinned()
+                outputs = torch.empty(shape, dtype=result.dtype, device=self.inputs.device, pin_memory=pinned)
             if outputs is not None:
-                outputs[start : start + size] = result.to(outputs.device)
+                outputs[start : start + size].copy_(result, non_blocking=parked)
+        if parked:
+            _synchronize(self.device)
         return outputs
 
 
+BatchHook = Callable[[torch.Tensor, torch.Tensor], None]
 Visitor = Callable[[LayerContext], torch.Tensor]
 
 
@@ -169,22 +219,29 @@ def sweep(
     batch_size: int = 1,
     desc: str = "sweep",
     captured: CapturedInputs | None = None,
-) -> CapturedInputs:
+    memory: str = "auto",
+) -> None:
     """Visit every decoder layer in order; the visitor returns the hidden states for the next layer.
 
-    Only the layer being visited is moved to ``device``; the rest of the model stays where it is. Returns the
-    captured inputs so that a caller can run a second sweep without capturing again.
+    Only the layer being visited is moved to ``device``; the rest of the model stays where it is. ``memory``
+    (``calibration_memory``) decides where the hidden states live (:mod:`dlp.placement`); the choice is printed
+    on a GPU. A sweep that captures its own inputs lets go of them after layer 0, so only two hidden-state
+    buffers (a layer's inputs and outputs) are ever held; ``captured`` from the caller is left as it was.
     """
     device = torch.device(device)
     _, layers = find_decoder_layers(model)
+    hidden = None
     if captured is None:
-        captured = capture_inputs(model, input_ids, batch_size, device)
-    hidden = captured.hidden
+        captured = capture_inputs(model, input_ids, batch_size, device, memory)
+        hidden, captured.hidden = captured.hidden, None
+        if device.type == "cuda":
+            print(f"[dlp] {captured.placement.describe()}")
+    hidden = captured.hidden if hidden is None else hidden
     for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
         layer = layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
         context = LayerContext(index, layer, find_linears(layer), hidden, device, captured, index == len(layers) - 1)
         hidden = visit(context)
+        del context  # the layer's inputs are free before the next layer allocates its outputs
         layer.to(home)
-    return captured

@@ -44,6 +44,10 @@ def test_prune_cli_end_to_end(tmp_path, tiny_args):
     assert masks.metadata["seed"] == 0 and masks.metadata["calibration_sha256"] == report["calibration_sha256"]
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers, no dlp needed
     assert masks.violations(model) == 0
+    parts = ("load_s", "eval_dense_s", "score_s", "allocate_s", "prune_s", "save_s", "eval_pruned_s")
+    assert list(report["timings"]) == list(parts) and all(report["timings"][p] > 0 for p in parts)
+    assert report["peak_memory"]["host_mib"] > 100 and report["peak_memory"]["device_mib"] is None  # CPU only
+    assert "- wall time: load " in (out / "summary.md").read_text()
     # a rerun finds the finished report and does nothing
     again = _run([*tiny_args, "--output_dir", str(out), "--sparsity", "0.6", "--dlp_statistic", "mean"])
     assert again.returncode == 0 and "already holds a finished run" in again.stdout
@@ -157,7 +161,9 @@ def test_rerun_after_a_crash_reuses_masks_and_model(tmp_path, tiny_args):
     (out / "report.json").unlink()  # as if the run died during the final evaluation
     again = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false"])
     assert again.returncode == 0 and "pruning skipped" in again.stdout
-    assert json.loads((out / "report.json").read_text())["masks_digest"] == digest
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["masks_digest"] == digest
+    assert "resume_s" in resumed["timings"] and "prune_s" not in resumed["timings"]  # no pruning was timed
     (out / "report.json").unlink()
     changed = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false", "--sparsity", "0.5"])
     assert changed.returncode == 0 and "pruning skipped" not in changed.stdout  # other recipe: masks not reused

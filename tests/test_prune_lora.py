@@ -113,6 +113,10 @@ def test_pipeline_writes_every_artifact_and_a_consistent_report(reference_run):
     assert report["perplexity"]["finetuned"]["value"] < report["perplexity"]["pruned"]["value"]
     card = (reference_run / "model" / "README.md").read_text()
     assert "mask-exact LoRA" in card and f"{report['perplexity']['finetuned']['value']:.2f}" in card
+    pipeline_parts = ["train_load_s", "train_s", "save_adapter_s", "merge_s", "export_s", "eval_finetuned_s"]
+    assert list(report["timings"])[-6:] == pipeline_parts and "prune_s" in report["timings"]
+    assert all(seconds > 0 for seconds in report["timings"].values())
+    assert report["peak_memory"]["host_mib"] > 100 and "- wall time: load " in card
 
 
 def test_export_obeys_the_masks_and_reloads_without_dlp(reference_run):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,7 @@ from ..preflight import ModelPlan
 from ..process import resolve_device, setup
 from ..pruner import Scoring, score_layers
 from ..report_schema import StageReport
+from ..resources import timed
 
 
 class CompressionMethod:
@@ -143,19 +144,21 @@ class StageStart:
     device: torch.device
     calibration: Any  # dlp.data.load_calibration's windows (input_ids, sha256)
     eval_args: EvalArguments
+    timings: dict[str, float] = field(default_factory=dict)  # the stage's parts, in dlp.resources' names
 
     def perplexity(self, model: nn.Module, name: str) -> dict[str, Any]:
-        """``model``'s perplexity on the evaluation text, printed as the ``name`` model's."""
+        """``model``'s perplexity on the evaluation text, printed as the ``name`` model's (timed as eval_<name>)."""
         eval_args = self.eval_args
-        measured = perplexity(
-            model,
-            self.tokenizer,
-            eval_args.eval_data,
-            seqlen=eval_args.eval_seqlen,
-            max_windows=eval_args.max_windows,
-            batch_size=eval_args.eval_batch_size,
-            device=self.device,
-        ).to_dict()
+        with timed(self.timings, f"eval_{name}"):
+            measured = perplexity(
+                model,
+                self.tokenizer,
+                eval_args.eval_data,
+                seqlen=eval_args.eval_seqlen,
+                max_windows=eval_args.max_windows,
+                batch_size=eval_args.eval_batch_size,
+                device=self.device,
+            ).to_dict()
         print(f"[dlp] {name} perplexity {measured['value']:.2f}")
         return measured
 
@@ -168,18 +171,20 @@ def prepare_run(model_args, calib_args: CalibrationArguments, eval_args: EvalArg
     """Seeds, the compute device, the dense model with its tokenizer and the calibration windows, for a run that
     is not finished yet."""
     setup(calib_args.seed)
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, model_args.dtype or "float32", model_args.attn_implementation or "sdpa"
-    )
-    calibration = load_calibration(
-        tokenizer,
-        calib_args.calibration_data,
-        calib_args.nsamples,
-        calib_args.seqlen,
-        calib_args.seed,
-        calib_args.calibration_split,
-    )
-    return StageStart(model, tokenizer, resolve_device(calib_args.device), calibration, eval_args)
+    timings: dict[str, float] = {}
+    with timed(timings, "load"):
+        model, tokenizer = load_model_and_tokenizer(
+            model_args.model_name_or_path, model_args.dtype or "float32", model_args.attn_implementation or "sdpa"
+        )
+        calibration = load_calibration(
+            tokenizer,
+            calib_args.calibration_data,
+            calib_args.nsamples,
+            calib_args.seqlen,
+            calib_args.seed,
+            calib_args.calibration_split,
+        )
+    return StageStart(model, tokenizer, resolve_device(calib_args.device), calibration, eval_args, timings)
 
 
 def run_config(calib_args: CalibrationArguments, method_args, run_args: RunArguments) -> dict[str, Any]:
@@ -213,6 +218,7 @@ def dense_layer_scores(
             device=resolve_device(calib_args.device),
             batch_size=batch,
             keep_stats=keep_stats,
+            memory=calib_args.calibration_memory,
         )
 
     if keep_stats:

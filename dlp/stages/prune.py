@@ -11,7 +11,6 @@ In the pipeline, a pruned model carries its masks through LoRA (mask-exact adapt
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from ..projections import logical_shape
 from ..pruner import Scoring, layer_param_counts, prune_model
 from ..report import layer_sparsity_from_modules, write_stage_report
 from ..report_schema import PruneReport
+from ..resources import peak_memory, timed
 from .base import (
     CompressionMethod,
     StageStart,
@@ -88,7 +88,7 @@ def run_prune(
     model, tokenizer, device, calibration = inputs.model, inputs.tokenizer, inputs.device, inputs.calibration
     config = run_config(calib_args, prune_args, run_args)
     ppl: dict[str, Any] = inputs.dense_perplexity()
-    timings: dict[str, float] = {}
+    timings = inputs.timings
 
     params = layer_param_counts(model)
     scoring, sparsities = _allocate(out, inputs, model_args, calib_args, prune_args, params, timings)
@@ -97,36 +97,24 @@ def run_prune(
         "[dlp] layer sparsities: " + " ".join(f"{100 * s:.1f}" for s in sparsities) + f" (overall {100 * target:.2f}%)"
     )
 
-    start = time.perf_counter()
     metadata = mask_metadata(
         model, model_args.model_name_or_path, config, sparsities, calib_args.seed, calibration.sha256
     )
-    masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
-    if masks is None:
-        spec = PruneSpec(
-            prune_args.criterion,
-            parse_pattern(prune_args.pattern),
-            prune_args.sparsegpt_blocksize,
-            prune_args.sparsegpt_percdamp,
-        )
-        masks = prune_model(
-            model,
-            calibration.input_ids,
-            sparsities,
-            spec,
-            mode=prune_args.prune_mode,
-            device=device,
-            batch_size=calib_args.calibration_batch_size,
-            stats=scoring.stats if scoring else None,
-        )
+    with timed(resumed := {}, "resume"):
+        masks, model = _resume_pruned(out, metadata, model, model_args) if run_args.save_model else (None, model)
+    if masks is not None:  # an earlier run's pruned model and masks
+        timings.update(resumed)
+    else:
+        with timed(timings, "prune"):
+            masks = _prune(inputs, calib_args, prune_args, sparsities, scoring)
         masks.metadata = metadata
         check_overall_sparsity(masks, target)  # before anything is saved: no artifact that contradicts the target
-        masks.save(out / "masks.safetensors")
-        if run_args.save_model:
-            with atomic_dir(out / "model") as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-    timings["prune_s"] = time.perf_counter() - start
+        with timed(timings, "save"):
+            masks.save(out / "masks.safetensors")
+            if run_args.save_model:
+                with atomic_dir(out / "model") as tmp:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
     assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
 
     ppl["pruned"] = inputs.perplexity(model, "pruned")
@@ -136,6 +124,7 @@ def run_prune(
         perplexity=ppl,
         timings=timings,
         calibration_sha256=calibration.sha256,
+        peak_memory=peak_memory(device),
         target_sparsity=target,
         **_sparsity_section(model, masks, sparsities),
         layer_scores=[asdict(s) for s in scoring.layers] if scoring else None,
@@ -147,6 +136,27 @@ def run_prune(
         )
     write_stage_report(out, report)
     return report
+
+
+def _prune(inputs: StageStart, calib_args, prune_args: PruneArguments, sparsities: list[float], scoring) -> MaskSet:
+    """Prune the model in place at the allocated ``sparsities``; fast mode reuses the scoring sweep's statistics."""
+    spec = PruneSpec(
+        prune_args.criterion,
+        parse_pattern(prune_args.pattern),
+        prune_args.sparsegpt_blocksize,
+        prune_args.sparsegpt_percdamp,
+    )
+    return prune_model(
+        inputs.model,
+        inputs.calibration.input_ids,
+        sparsities,
+        spec,
+        mode=prune_args.prune_mode,
+        device=inputs.device,
+        batch_size=calib_args.calibration_batch_size,
+        stats=scoring.stats if scoring else None,
+        memory=calib_args.calibration_memory,
+    )
 
 
 def _allocate(
@@ -165,11 +175,10 @@ def _allocate(
     keep_stats = fast or allocator.needs_stats
     scoring = None
     if allocator.needs_scores or keep_stats:
-        start = time.perf_counter()
-        scoring = dense_layer_scores(
-            out, inputs.model, model_args, calib_args, inputs.calibration, prune_args.owl_m, keep_stats
-        )
-        timings["score_s"] = time.perf_counter() - start
+        with timed(timings, "score"):
+            scoring = dense_layer_scores(
+                out, inputs.model, model_args, calib_args, inputs.calibration, prune_args.owl_m, keep_stats
+            )
     request = AllocationRequest(
         prune_args,
         scoring.layers if scoring else None,
@@ -182,9 +191,8 @@ def _allocate(
         batch_size=calib_args.calibration_batch_size,
         seed=calib_args.seed,
     )
-    start = time.perf_counter()
-    sparsities = compute_sparsities(prune_args, request.scores, params, request)
-    timings["allocate_s"] = time.perf_counter() - start
+    with timed(timings, "allocate"):
+        sparsities = compute_sparsities(prune_args, request.scores, params, request)
     return scoring, sparsities
 
 

@@ -13,7 +13,6 @@ basis changes slicing inserts get no adapters, and the export ships the sliced a
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from ..modeling import find_decoder_layers
 from ..preflight import ModelPlan, check_lengths, inspect_model
 from ..report import write_stage_report
 from ..report_schema import SliceReport
+from ..resources import peak_memory, timed
 from ..sliced_llama import SLICING_STRUCTURE
 from ..slicing import (
     check_sliceable,
@@ -70,15 +70,14 @@ def run_slice(
     check_sliceable(model)
     config = run_config(calib_args, slice_args, run_args)
     ppl: dict[str, Any] = inputs.dense_perplexity()
-    timings: dict[str, float] = {}
+    timings = inputs.timings
 
     _, layers = find_decoder_layers(model)
     redundancy = None
     if slice_args.slicing_allocation == "lr":
-        start = time.perf_counter()
-        scoring = dense_layer_scores(out, model, model_args, calib_args, calibration)
+        with timed(timings, "score"):
+            scoring = dense_layer_scores(out, model, model_args, calib_args, calibration)
         redundancy = [s.redundancy for s in scoring.layers]
-        timings["score_s"] = time.perf_counter() - start
     fractions = slicing_fractions(
         slice_args.slicing_allocation, slice_args.slicing, len(layers), redundancy, slice_args.slicing_spread
     )
@@ -93,15 +92,23 @@ def run_slice(
         "seed": calib_args.seed,
         "calibration_sha256": calibration.sha256,
     }
-    start = time.perf_counter()
-    sliced = reload_matching(out / "model", read_json(out / SLICING_FILE), metadata, model_args, "slicing")
-    if sliced is None:
-        sliced = slice_model(
-            model, calibration.input_ids, widths, device=device, batch_size=calib_args.calibration_batch_size
-        )
-        export_model(sliced, tokenizer, None, out / "model")  # with its modeling file
-        atomic_write_json(out / SLICING_FILE, metadata)
-    timings["slice_s"] = time.perf_counter() - start
+    with timed(resumed := {}, "resume"):
+        sliced = reload_matching(out / "model", read_json(out / SLICING_FILE), metadata, model_args, "slicing")
+    if sliced is not None:  # an earlier run's sliced model
+        timings.update(resumed)
+    else:
+        with timed(timings, "slice"):
+            sliced = slice_model(
+                model,
+                calibration.input_ids,
+                widths,
+                device=device,
+                batch_size=calib_args.calibration_batch_size,
+                memory=calib_args.calibration_memory,
+            )
+        with timed(timings, "save"):
+            export_model(sliced, tokenizer, None, out / "model")  # with its modeling file
+            atomic_write_json(out / SLICING_FILE, metadata)
     ppl["sliced"] = inputs.perplexity(sliced, "sliced")
     report = SliceReport(
         model=model_args.model_name_or_path,
@@ -109,6 +116,7 @@ def run_slice(
         perplexity=ppl,
         timings=timings,
         calibration_sha256=calibration.sha256,
+        peak_memory=peak_memory(device),
         slicing=_slicing_summary(model, sliced, fractions, widths, redundancy),
     )
     write_stage_report(out, report)
