@@ -79,6 +79,27 @@ def lr_sparsities(redundancy: Sequence[float], target: float, spread: float) -> 
     return centred([-r for r in redundancy], target, spread)
 
 
+def ranks(values: Sequence[float]) -> list[float]:
+    """0-based ranks of ``values`` in ascending order, tied values sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    result = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            result[order[position]] = (start + end) / 2
+        start = end + 1
+    return result
+
+
+LR_MAPPINGS = {  # how Layer Redundancy scores become the values spread linearly over [mean − spread, mean + spread]
+    "minmax": lambda redundancy: list(redundancy),  # the scores themselves: an outlier takes the whole spread
+    "rank": ranks,  # their order only: the layers spaced evenly, whatever the gaps between their scores
+}
+
+
 def parse_layer_sparsities(spec: str | Sequence[float], max_sparsity: float = 0.99) -> list[float]:
     """An explicit allocation: a list of floats, a comma-separated string, or a JSON file holding a list or
     ``{"sparsities": [...]}``; every value must lie in [0, ``max_sparsity``] (checked when the recipe is read)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .allocate import ALLOCATIONS, ALLOCATORS, DLP_STATISTICS, SLICING_ALLOCATIONS, parse_layer_sparsities
+from .allocate import ALLOCATIONS, ALLOCATORS, DLP_STATISTICS, LR_MAPPINGS, SLICING_ALLOCATIONS, parse_layer_sparsities
 from .criteria import CRITERIA, parse_pattern
 from .errors import DlpError, require
 from .placement import check_memory_setting
@@ -225,10 +225,18 @@ class SliceArguments:
         default=0.1,
         metadata={"help": "lr: layer fractions span slicing ± spread (the most redundant layer is sliced most)."},
     )
+    slicing_lr_mapping: str = field(
+        default="minmax",
+        metadata={
+            "help": "lr: how redundancy scores map onto the spread: minmax (linear in the scores) or rank (linear in "
+            "their order; one outlier layer no longer takes the whole spread)."
+        },
+    )
     slicing_multiple: int = field(default=8, metadata={"help": "Every sliced width is a multiple of this."})
 
     def __post_init__(self) -> None:
         require_choice("slicing_allocation", self.slicing_allocation, SLICING_ALLOCATIONS)
+        require_choice("slicing_lr_mapping", self.slicing_lr_mapping, tuple(LR_MAPPINGS))
         require(0.0 <= self.slicing < 1.0, f"slicing must be in [0, 1) (got {self.slicing})")
         require(0.0 <= self.slicing_spread < 0.5, f"slicing_spread must be in [0, 0.5) (got {self.slicing_spread})")
         require(

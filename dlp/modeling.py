@@ -110,7 +110,7 @@ def load_model_and_tokenizer(
     model (``quantization_config``) is quantized straight onto this process's GPU when there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import sliced_llama  # noqa: F401  (registers dlp's sliced architecture with the Auto classes)
+    from . import sliced  # noqa: F401  (registers dlp's sliced architectures with the Auto classes)
 
     path = resolve_model_dir(model)
     kwargs = {"dtype": resolve_dtype(torch_dtype)}

@@ -50,7 +50,7 @@ def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
     Raises a one-line DlpError for a model that cannot be read or has no decoder stack dlp can prune."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import sliced_llama  # noqa: F401  (dlp's sliced architecture, as load_model_and_tokenizer registers it)
+    from . import sliced  # noqa: F401  (dlp's sliced architectures, as load_model_and_tokenizer registers them)
 
     path = resolve_model_dir(model_id)
     try:

@@ -284,7 +284,7 @@ def sliced_finetune_markdown(report: dict[str, Any]) -> str:
             f"sliced by {100 * slicing['mean_fraction']:.1f}% and fine-tuned",
             "Rotated and sliced with dlp (SliceGPT; per-layer widths "
             f"**{cfg['slicing_allocation']}**), then fine-tuned with LoRA and merged. The architecture is in "
-            "`modeling_sliced_llama.py`: load with `AutoModelForCausalLM.from_pretrained(path, "
+            "`modeling_sliced.py`: load with `AutoModelForCausalLM.from_pretrained(path, "
             "trust_remote_code=True)`.",
         ),
         "| model | perplexity |",
@@ -316,8 +316,9 @@ def slice_markdown(report: dict[str, Any]) -> str:
     """The summary of a slicing run: perplexities, parameter counts and the per-layer widths."""
     cfg, ppl, slicing = report["config"], report["perplexity"], report["slicing"]
     params, any_ppl = slicing["parameters"], ppl["sliced"]
+    mapping = cfg.get("slicing_lr_mapping", "minmax")  # reports written before the mapping was a setting: minmax
     allocation = cfg["slicing_allocation"] + (
-        f" (spread ±{cfg['slicing_spread']})" if cfg["slicing_allocation"] == "lr" else ""
+        f" (spread ±{cfg['slicing_spread']}, {mapping} mapping)" if cfg["slicing_allocation"] == "lr" else ""
     )
     lines = [
         f"# {report['model']}, rotated and sliced",

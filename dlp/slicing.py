@@ -29,40 +29,83 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .allocate import balance, lr_sparsities
-from .errors import ResultCheckFailed, require
+from .allocate import LR_MAPPINGS, balance, lr_sparsities
+from .errors import DlpError, ResultCheckFailed, require
 from .modeling import find_decoder_layers
-from .sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
+from .sliced import OUTPUT_PROJECTIONS, SLICED_CLASSES, sliced_classes
 from .sweep import LayerContext, sweep
 
-SLICEABLE_MODEL_TYPES = ("llama",)
-_BLOCK_PARTS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
+SLICEABLE_MODEL_TYPES = tuple(SLICED_CLASSES)
+_LAYER_NORM = (
+    "its blocks use LayerNorm (mean subtraction and a bias), which does not commute with a rotation of the "
+    "stream; converting it to RMSNorm first (SliceGPT's LayerNorm fusion) is not implemented"
 )
+_SANDWICH_NORMS = (
+    "its blocks normalize and scale the attention and MLP outputs (post_attention_layernorm, "
+    "post_feedforward_layernorm) in the original coordinates before the residual add; such norms do not commute "
+    "with a rotation of the stream, and keeping them exact would need an extra D×d projection per norm, undoing "
+    "most of the compression"
+)
+REFUSALS = {  # model_type -> why its blocks cannot be rotated and sliced exactly
+    "gemma2": _SANDWICH_NORMS,
+    "gemma3": _SANDWICH_NORMS,
+    "gemma3_text": _SANDWICH_NORMS,
+    "opt": _LAYER_NORM,
+    "gpt2": _LAYER_NORM,
+    "gpt_neox": _LAYER_NORM + "; its attention and MLP also read the stream in parallel",
+    "phi": _LAYER_NORM + "; its attention and MLP also read the stream in parallel",
+    "falcon": _LAYER_NORM,
+    "bloom": _LAYER_NORM,
+}
+_BLOCK_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_DROPOUTS = {"resid_attn_dropout", "resid_mlp_dropout"}  # Phi-3's, on the sub-block outputs; off at inference
 
 
 def check_sliceable_type(model_type: str | None) -> None:
+    """From the config alone: a family with a sliced architecture, or a one-line refusal that says why not."""
+    if model_type in REFUSALS:
+        raise DlpError(f"slicing: model_type {model_type!r} cannot be sliced exactly: {REFUSALS[model_type]}")
     require(
         model_type in SLICEABLE_MODEL_TYPES,
-        f"slicing supports model_type {', '.join(SLICEABLE_MODEL_TYPES)} "
-        f"(Llama-architecture models such as SmolLM2, Llama 2/3); got {model_type!r}",
+        f"slicing supports model_type {', '.join(SLICEABLE_MODEL_TYPES)}; got {model_type!r}",
     )
 
 
 def check_sliceable(model: nn.Module) -> None:
-    """Slicing rewrites a block's structure, so only architectures whose blocks are known are accepted."""
+    """Slicing rewrites a block's structure, so only pre-norm blocks of known families are accepted: an RMS
+    norm with a per-channel scale before the attention and before the MLP, and nothing else on the stream."""
     check_sliceable_type(getattr(model.config, "model_type", None))
     _, layers = find_decoder_layers(model)
-    for part in _BLOCK_PARTS:
-        require(layers[0].get_submodule(part) is not None, f"slicing: decoder block lacks {part}")
+    block = layers[0]
+    children = {name for name, _ in block.named_children()}
+    require(
+        _BLOCK_CHILDREN <= children and not children - _BLOCK_CHILDREN - _DROPOUTS,
+        f"slicing: a decoder block must hold {', '.join(sorted(_BLOCK_CHILDREN))} and nothing else on the "
+        f"residual stream (got {', '.join(sorted(children))})",
+    )
+    for part, output in OUTPUT_PROJECTIONS.items():
+        require(
+            isinstance(getattr(block.get_submodule(part), output, None), nn.Linear),
+            f"slicing: {part} lacks its output projection {output}",
+        )
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        norm_scale(block.get_submodule(norm), norm)
+
+
+@torch.no_grad()
+def norm_scale(norm: nn.Module, name: str = "norm") -> torch.Tensor:
+    """The per-channel scale s of an RMS norm, x ↦ x / rms(x) · s, found by what reproduces the module: its weight
+    w (Llama and most families) or 1 + w (Gemma). Anything else is refused: folding it would not be exact."""
+    weight = getattr(norm, "weight", None)
+    require(weight is not None and weight.dim() == 1, f"slicing: {name} has no per-channel scale")
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+    output = norm(probe).double()
+    normalized = probe.double() * torch.rsqrt(probe.double().pow(2).mean(-1, keepdim=True) + eps)
+    for scale in (weight, 1.0 + weight):
+        if torch.allclose(output, normalized * scale.double(), rtol=1e-3, atol=1e-5):
+            return scale
+    raise DlpError(f"slicing: {name} is not an RMS norm with a per-channel scale (w or 1 + w); it cannot be folded")
 
 
 def slicing_fractions(
@@ -72,15 +115,19 @@ def slicing_fractions(
     redundancy: Sequence[float] | None = None,
     spread: float = 0.0,
     max_fraction: float = 0.9,
+    mapping: str = "minmax",
 ) -> list[float]:
-    """Per-layer slicing fractions averaging ``mean_fraction``: uniform, or spread by Layer Redundancy."""
+    """Per-layer slicing fractions averaging ``mean_fraction``: uniform, or spread by Layer Redundancy, the scores
+    mapped onto [mean − spread, mean + spread] linearly (``minmax``) or by their rank (``rank``)."""
     if allocation == "uniform":
         return [mean_fraction] * num_layers
     require(
         redundancy is not None and len(redundancy) == num_layers,
         "slicing_allocation lr needs one redundancy score per layer",
     )
-    return balance(lr_sparsities(redundancy, mean_fraction, spread), [1] * num_layers, mean_fraction, max_fraction)
+    require(mapping in LR_MAPPINGS, f"slicing_lr_mapping must be one of {', '.join(LR_MAPPINGS)} (got {mapping!r})")
+    mapped = LR_MAPPINGS[mapping](redundancy)
+    return balance(lr_sparsities(mapped, mean_fraction, spread), [1] * num_layers, mean_fraction, max_fraction)
 
 
 def sliced_widths(fractions: Sequence[float], full_width: int, multiple: int = 8) -> list[int]:
@@ -114,10 +161,11 @@ def check_slicing_mean(widths: Sequence[int], full_width: int, target: float, mu
     return measured
 
 
-def sliced_config(config, widths: Sequence[int]) -> SlicedLlamaConfig:
-    """The sliced model's config: the dense one plus the width of every residual position."""
+def sliced_config(config, widths: Sequence[int]):
+    """The sliced model's config: the dense one (of any sliceable family) plus the width of every residual
+    position."""
     fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    sliced = SlicedLlamaConfig(
+    sliced = sliced_classes(config.model_type)["Config"](
         **fields, sliced_attention_dims=list(widths), sliced_mlp_dims=list(widths), sliced_final_dim=widths[-1]
     )
     sliced._attn_implementation = config._attn_implementation
@@ -185,6 +233,30 @@ def _bias(linear: nn.Linear, basis: torch.Tensor | None = None) -> torch.Tensor 
     return linear.bias.double() @ basis if basis is not None else linear.bias
 
 
+def _reading(module: nn.Module, part: str) -> list[str]:
+    """The Linears of a sub-block that read the residual stream: all but its output projection (q/k/v or Phi-3's
+    fused qkv_proj; gate/up or gate_up_proj)."""
+    return [n for n, c in module.named_children() if isinstance(c, nn.Linear) and n != OUTPUT_PROJECTIONS[part]]
+
+
+@torch.no_grad()
+def _set_reading(source: nn.Module, target: nn.Module, part: str, scale: torch.Tensor, basis: torch.Tensor) -> None:
+    """Fold the norm's scale into the sub-block's reading projections and express them in the stream's ``basis``;
+    copy what the rotation does not touch (Qwen3's per-head q/k norms act after the projections) unchanged."""
+    for name in _reading(source, part):
+        linear = getattr(source, name)
+        _assign(getattr(target, name), _fold(linear, scale) @ basis, _bias(linear))
+    projections = {n for n, c in source.named_children() if isinstance(c, nn.Linear)}
+    for name, param in source.named_parameters():
+        if name.split(".", 1)[0] not in projections:
+            target.get_parameter(name).data.copy_(param.data)
+
+
+def _set_writing(source: nn.Linear, target: nn.Linear, basis: torch.Tensor) -> None:
+    """The sub-block's output projection, writing into the stream's new ``basis``."""
+    _assign(target, basis.T @ source.weight.double(), _bias(source, basis))
+
+
 @dataclass
 class _Stream:
     """Where the residual stream stands between blocks: the directions (D × width) its coordinates refer to."""
@@ -192,7 +264,7 @@ class _Stream:
     basis: torch.Tensor | None = None
 
 
-def _slicing_visitor(targets: nn.ModuleList, config: SlicedLlamaConfig, stream: _Stream):
+def _slicing_visitor(targets: nn.ModuleList, config, stream: _Stream):
     def visit(ctx: LayerContext) -> torch.Tensor:
         dense, target = ctx.layer, targets[ctx.index]
         d_in, d_mid, d_out = config.widths(ctx.index)
@@ -202,29 +274,24 @@ def _slicing_visitor(targets: nn.ModuleList, config: SlicedLlamaConfig, stream: 
             stream.basis = principal_basis(_gram(ctx.inputs, ctx.device), d_in)
             _assign(target.input_proj, stream.basis.T)
         basis, attn, mlp = stream.basis, dense.self_attn, dense.mlp
-        for name in ("q_proj", "k_proj", "v_proj"):
-            source = getattr(attn, name)
-            _assign(getattr(target.self_attn, name), _fold(source, dense.input_layernorm.weight) @ basis, _bias(source))
+        o_proj, down_proj = getattr(attn, OUTPUT_PROJECTIONS["self_attn"]), getattr(mlp, OUTPUT_PROJECTIONS["mlp"])
+        _set_reading(attn, target.self_attn, "self_attn", norm_scale(dense.input_layernorm), basis)
         run = replace(ctx, layer=target).forward
-        with (
-            _swapped(target, attn_shortcut=_projection(basis, attn.o_proj), mlp=_Zero(), mlp_shortcut=nn.Identity()),
-            _swapped(target.self_attn, o_proj=attn.o_proj),
+        with (  # attention's output unrotated and no MLP: the block outputs its middle stream, D wide
+            _swapped(target, attn_shortcut=_projection(basis, o_proj), mlp=_Zero(), mlp_shortcut=nn.Identity()),
+            _swapped(target.self_attn, **{OUTPUT_PROJECTIONS["self_attn"]: o_proj}),
         ):
             q_mid = principal_basis(_gram(run(), ctx.device), d_mid)
-        _assign(target.self_attn.o_proj, q_mid.T @ attn.o_proj.weight.double(), _bias(attn.o_proj, q_mid))
+        _set_writing(o_proj, getattr(target.self_attn, OUTPUT_PROJECTIONS["self_attn"]), q_mid)
         _assign(target.attn_shortcut, q_mid.T @ basis)
-        for name in ("gate_proj", "up_proj"):
-            source = getattr(mlp, name)
-            _assign(
-                getattr(target.mlp, name), _fold(source, dense.post_attention_layernorm.weight) @ q_mid, _bias(source)
-            )
-        with (
-            _swapped(target, mlp_shortcut=_projection(q_mid, mlp.down_proj)),
-            _swapped(target.mlp, down_proj=mlp.down_proj),
+        _set_reading(mlp, target.mlp, "mlp", norm_scale(dense.post_attention_layernorm), q_mid)
+        with (  # the MLP's output unrotated: the block outputs its stream in the original coordinates
+            _swapped(target, mlp_shortcut=_projection(q_mid, down_proj)),
+            _swapped(target.mlp, **{OUTPUT_PROJECTIONS["mlp"]: down_proj}),
         ):
             outputs = run()
         q_out = principal_basis(_gram(outputs, ctx.device), d_out)
-        _assign(target.mlp.down_proj, q_out.T @ mlp.down_proj.weight.double(), _bias(mlp.down_proj, q_out))
+        _set_writing(down_proj, getattr(target.mlp, OUTPUT_PROJECTIONS["mlp"]), q_out)
         _assign(target.mlp_shortcut, q_out.T @ q_mid)
         stream.basis = q_out
         target.to(home)
@@ -251,9 +318,9 @@ def slice_model(
     device="cpu",
     batch_size: int = 8,
     memory: str = "auto",
-) -> SlicedLlamaForCausalLM:
-    """A :class:`SlicedLlamaForCausalLM` with block l's stream ``widths[l]`` wide, built from the dense ``model``
-    (left unchanged) and calibration windows ``input_ids``."""
+) -> nn.Module:
+    """The family's sliced model (``Sliced<Family>ForCausalLM``) with block l's stream ``widths[l]`` wide, built
+    from the dense ``model`` (left unchanged) and calibration windows ``input_ids``."""
     check_sliceable(model)
     _, layers = find_decoder_layers(model)
     require(len(widths) == len(layers), f"slicing: {len(widths)} widths for {len(layers)} layers")
@@ -263,11 +330,11 @@ def slice_model(
     )
     config = sliced_config(model.config, widths)
     dtype = model.get_input_embeddings().weight.dtype
-    sliced = SlicedLlamaForCausalLM(config).to(dtype)
+    sliced = sliced_classes(model.config.model_type)["ForCausalLM"](config).to(dtype)
     sliced.get_input_embeddings().weight.data.copy_(model.get_input_embeddings().weight)
     if not config.tie_word_embeddings:
         sliced.get_output_embeddings().weight.data.copy_(model.get_output_embeddings().weight)
-    sliced.model.norm.norm.weight.data.copy_(model.model.norm.weight)
+    sliced.model.norm.norm.load_state_dict(model.model.norm.state_dict())  # the family's own final norm
     stream = _Stream()
     sweep(
         model,

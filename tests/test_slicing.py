@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, requires_demo_model, tiny_model
+from dlp.allocate import ranks
 from dlp.errors import DlpError
 from dlp.merge import export_model
 from dlp.errors import ResultCheckFailed
@@ -82,6 +83,18 @@ def test_lr_fractions_slice_the_most_redundant_layer_most_around_the_mean():
     assert slicing_fractions("uniform", 0.3, 2) == [0.3, 0.3]
     with pytest.raises(DlpError, match="redundancy"):
         slicing_fractions("lr", 0.25, 3, redundancy=[0.1])
+
+
+def test_rank_mapping_spaces_layers_evenly_where_minmax_gives_an_outlier_the_whole_spread():
+    """SmolLM2's shape: layer 0 far less redundant than the rest (hand-computed)."""
+    redundancy = [0.02, 0.75, 0.80, 0.98]
+    minmax = slicing_fractions("lr", 0.25, 4, redundancy, spread=0.1, mapping="minmax")
+    assert minmax == pytest.approx([0.121354, 0.273438, 0.283854, 0.321354], abs=1e-6)
+    rank = slicing_fractions("lr", 0.25, 4, redundancy, spread=0.1, mapping="rank")
+    assert rank == pytest.approx([0.15, 0.25 - 0.1 / 3, 0.25 + 0.1 / 3, 0.35])
+    assert ranks([0.02, 0.9, 0.75, 0.9]) == [0.0, 2.5, 1.0, 2.5]  # ties share their mean rank
+    with pytest.raises(DlpError, match="slicing_lr_mapping must be one of minmax, rank"):
+        slicing_fractions("lr", 0.25, 4, redundancy, spread=0.1, mapping="softmax")
 
 
 def test_principal_basis_orders_directions_by_energy():
@@ -163,8 +176,8 @@ def test_export_reloads_without_dlp_with_identical_logits(calib_ids, tiny_model_
     sliced = slice_model(llama_with_scaled_norms(), calib_ids, [24, 16, 20], batch_size=4)
     target = export_model(sliced, AutoTokenizer.from_pretrained(tiny_model_dir), None, tmp_path / "sliced")
     config = json.loads((target / "config.json").read_text())
-    assert (target / "modeling_sliced_llama.py").is_file() and config["model_type"] == "sliced_llama"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sliced_llama.SlicedLlamaForCausalLM"
+    assert (target / "modeling_sliced.py").is_file() and config["model_type"] == "sliced_llama"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sliced.SlicedLlamaForCausalLM"
     probe = tmp_path / "logits.pt"
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM as M; "
@@ -182,9 +195,11 @@ def test_export_reloads_without_dlp_with_identical_logits(calib_ids, tiny_model_
     assert torch.equal(torch.load(probe), expected)
 
 
-def test_only_llama_architectures_are_sliced(calib_ids):
-    with pytest.raises(DlpError, match="slicing supports model_type llama.*'qwen2'"):
-        slice_model(tiny_model("qwen2"), calib_ids, [24, 24, 24])
+def test_families_that_cannot_be_sliced_exactly_are_refused_with_the_reason(calib_ids):
+    with pytest.raises(DlpError, match="model_type 'gemma2' cannot be sliced exactly: .*post_feedforward_layernorm"):
+        slice_model(tiny_model("gemma2"), calib_ids, [24, 24, 24])
+    with pytest.raises(DlpError, match="model_type 'opt' cannot be sliced exactly: its blocks use LayerNorm"):
+        slice_model(tiny_model("opt"), calib_ids, [24, 24, 24])
 
 
 # --- scripts
@@ -229,11 +244,11 @@ def sliced_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
 def test_slice_then_lora_pipeline_exports_a_smaller_model_that_reloads(sliced_lora_run):
     run_dir = sliced_lora_run
     for name in (
-        "slice/model/modeling_sliced_llama.py",
+        "slice/model/modeling_sliced.py",
         "slice/report.json",
         "slice/widths.png",
         "adapter/adapter_config.json",
-        "model/modeling_sliced_llama.py",
+        "model/modeling_sliced.py",
         "model/README.md",
         "report.json",
         "summary.md",

@@ -24,7 +24,7 @@ from ..preflight import ModelPlan, check_lengths, inspect_model
 from ..report import write_stage_report
 from ..report_schema import SliceReport
 from ..resources import peak_memory, timed
-from ..sliced_llama import SLICING_STRUCTURE
+from ..sliced import SLICING_STRUCTURE
 from ..slicing import (
     check_sliceable,
     check_sliceable_type,
@@ -79,7 +79,12 @@ def run_slice(
             scoring = dense_layer_scores(out, model, model_args, calib_args, calibration)
         redundancy = [s.redundancy for s in scoring.layers]
     fractions = slicing_fractions(
-        slice_args.slicing_allocation, slice_args.slicing, len(layers), redundancy, slice_args.slicing_spread
+        slice_args.slicing_allocation,
+        slice_args.slicing,
+        len(layers),
+        redundancy,
+        slice_args.slicing_spread,
+        mapping=slice_args.slicing_lr_mapping,
     )
     widths = sliced_widths(fractions, model.config.hidden_size, slice_args.slicing_multiple)
     check_slicing_mean(widths, model.config.hidden_size, slice_args.slicing, slice_args.slicing_multiple)
@@ -158,7 +163,7 @@ def _slicing_summary(dense, sliced, fractions: list[float], widths: list[int], r
 
 class SliceMethod(CompressionMethod):
     """Rotate-and-slice with uniform or Layer-Redundancy widths (``train/slice.py``): a smaller dense model, no
-    masks; plain LoRA on its projections; the export ships ``modeling_sliced_llama.py``."""
+    masks; plain LoRA on its projections; the export ships ``modeling_sliced.py``."""
 
     name = "slice"
     arguments = SliceArguments
