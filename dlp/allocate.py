@@ -94,9 +94,20 @@ def ranks(values: Sequence[float]) -> list[float]:
     return result
 
 
-LR_MAPPINGS = {  # how Layer Redundancy scores become the values spread linearly over [mean − spread, mean + spread]
-    "minmax": lambda redundancy: list(redundancy),  # the scores themselves: an outlier takes the whole spread
-    "rank": ranks,  # their order only: the layers spaced evenly, whatever the gaps between their scores
+def lr_ratio_sparsities(redundancy: Sequence[float], target: float, spread: float) -> list[float]:
+    """The Dynamic Slicing code's mapping (``mean_cut_accuracy_experiments.py``): r = min-max scaled redundancy in
+    [0, 1] and s_l = target − spread + spread · r_l / mean(r). The least redundant layer gets target − spread, the
+    others rise in proportion to r; the mean stays at target, the top may exceed target + spread."""
+    scaled = minmax_spread(torch.tensor(list(redundancy), dtype=torch.float64), 0.5)
+    if float(scaled.mean()) == 0.0:
+        return [target] * len(redundancy)
+    return (target - spread + spread * scaled / scaled.mean()).tolist()
+
+
+LR_MAPPINGS = {  # how Layer Redundancy scores become per-layer fractions around the target (more redundant: more)
+    "minmax": lr_sparsities,  # linear in the scores over exactly target ± spread: an outlier takes the whole spread
+    "rank": lambda redundancy, target, spread: lr_sparsities(ranks(redundancy), target, spread),  # linear in order
+    "ratio": lr_ratio_sparsities,  # the released Dynamic Slicing code's
 }
 
 

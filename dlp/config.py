@@ -228,8 +228,9 @@ class SliceArguments:
     slicing_lr_mapping: str = field(
         default="minmax",
         metadata={
-            "help": "lr: how redundancy scores map onto the spread: minmax (linear in the scores) or rank (linear in "
-            "their order; one outlier layer no longer takes the whole spread)."
+            "help": "lr: how redundancy scores become fractions: minmax (linear in the scores, over slicing ± spread), "
+            "rank (linear in their order: one outlier layer no longer takes the whole spread) or ratio (the released "
+            "Dynamic Slicing code's: slicing − spread + spread · r / mean(r), r the min-max scaled scores)."
         },
     )
     slicing_multiple: int = field(default=8, metadata={"help": "Every sliced width is a multiple of this."})

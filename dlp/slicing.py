@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .allocate import LR_MAPPINGS, balance, lr_sparsities
+from .allocate import LR_MAPPINGS, balance
 from .errors import DlpError, ResultCheckFailed, require
 from .modeling import find_decoder_layers
 from .sliced import OUTPUT_PROJECTIONS, SLICED_CLASSES, sliced_classes
@@ -117,8 +117,8 @@ def slicing_fractions(
     max_fraction: float = 0.9,
     mapping: str = "minmax",
 ) -> list[float]:
-    """Per-layer slicing fractions averaging ``mean_fraction``: uniform, or spread by Layer Redundancy, the scores
-    mapped onto [mean − spread, mean + spread] linearly (``minmax``) or by their rank (``rank``)."""
+    """Per-layer slicing fractions averaging ``mean_fraction``: uniform, or spread by Layer Redundancy through one
+    of :data:`dlp.allocate.LR_MAPPINGS` (``minmax``, ``rank``, ``ratio``), clipped to [0, ``max_fraction``]."""
     if allocation == "uniform":
         return [mean_fraction] * num_layers
     require(
@@ -126,8 +126,8 @@ def slicing_fractions(
         "slicing_allocation lr needs one redundancy score per layer",
     )
     require(mapping in LR_MAPPINGS, f"slicing_lr_mapping must be one of {', '.join(LR_MAPPINGS)} (got {mapping!r})")
-    mapped = LR_MAPPINGS[mapping](redundancy)
-    return balance(lr_sparsities(mapped, mean_fraction, spread), [1] * num_layers, mean_fraction, max_fraction)
+    fractions = LR_MAPPINGS[mapping](redundancy, mean_fraction, spread)
+    return balance(fractions, [1] * num_layers, mean_fraction, max_fraction)
 
 
 def sliced_widths(fractions: Sequence[float], full_width: int, multiple: int = 8) -> list[int]:

@@ -93,7 +93,10 @@ def test_rank_mapping_spaces_layers_evenly_where_minmax_gives_an_outlier_the_who
     rank = slicing_fractions("lr", 0.25, 4, redundancy, spread=0.1, mapping="rank")
     assert rank == pytest.approx([0.15, 0.25 - 0.1 / 3, 0.25 + 0.1 / 3, 0.35])
     assert ranks([0.02, 0.9, 0.75, 0.9]) == [0.0, 2.5, 1.0, 2.5]  # ties share their mean rank
-    with pytest.raises(DlpError, match="slicing_lr_mapping must be one of minmax, rank"):
+    # the released code's: r = (0, 0.7604, 0.8125, 1), mean 0.64323; 0.15 + 0.1 · r / mean(r)
+    ratio = slicing_fractions("lr", 0.25, 4, redundancy, spread=0.1, mapping="ratio")
+    assert ratio == pytest.approx([0.15, 0.268219, 0.276316, 0.305466], abs=1e-6)
+    with pytest.raises(DlpError, match="slicing_lr_mapping must be one of minmax, rank, ratio"):
         slicing_fractions("lr", 0.25, 4, redundancy, spread=0.1, mapping="softmax")
 
 
