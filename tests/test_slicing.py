@@ -4,7 +4,6 @@ the sliced architecture and its standalone export, and the slice → LoRA pipeli
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch
 from conftest import REPO, requires_demo_model, tiny_model
 from dlp.allocate import ranks
 from dlp.errors import DlpError
-from dlp.merge import export_model
 from dlp.errors import ResultCheckFailed
 from dlp.slicing import (
     check_slicing_mean,
@@ -24,7 +22,7 @@ from dlp.slicing import (
     sliced_widths,
     slicing_fractions,
 )
-from test_prune_lora import ENV, run, write_recipe
+from test_prune_lora import run, write_recipe
 
 ROTATION_TOLERANCE = 1e-4  # fp32 max |logit difference| of a rotated, unsliced model
 
@@ -173,31 +171,6 @@ def test_generation_with_the_kv_cache_matches_recomputing(calib_ids):
     assert torch.equal(cached, recomputed) and cached.shape[1] == 10
 
 
-def test_export_reloads_without_dlp_with_identical_logits(calib_ids, tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    sliced = slice_model(llama_with_scaled_norms(), calib_ids, [24, 16, 20], batch_size=4)
-    target = export_model(sliced, AutoTokenizer.from_pretrained(tiny_model_dir), None, tmp_path / "sliced")
-    config = json.loads((target / "config.json").read_text())
-    assert (target / "modeling_sliced.py").is_file() and config["model_type"] == "sliced_llama"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sliced.SlicedLlamaForCausalLM"
-    probe = tmp_path / "logits.pt"
-    code = (
-        "import sys, torch; from transformers import AutoModelForCausalLM as M; "
-        f"m = M.from_pretrained({str(target)!r}, trust_remote_code=True).eval(); "
-        "ids = torch.arange(40).view(2, 20) % 128; "
-        f"torch.save(m(input_ids=ids).logits, {str(probe)!r}); "
-        "assert not any(k == 'dlp' or k.startswith('dlp.') for k in sys.modules), 'dlp was imported'"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    with torch.no_grad():
-        expected = sliced(input_ids=torch.arange(40).view(2, 20) % 128).logits
-    assert torch.equal(torch.load(probe), expected)
-
-
 def test_families_that_cannot_be_sliced_exactly_are_refused_with_the_reason(calib_ids):
     with pytest.raises(DlpError, match="model_type 'gemma2' cannot be sliced exactly: .*post_feedforward_layernorm"):
         slice_model(tiny_model("gemma2"), calib_ids, [24, 24, 24])
@@ -217,19 +190,9 @@ def test_slice_script_rejects_bad_values_with_one_line(tiny_model_dir, tmp_path)
     assert result.returncode == 2 and "slicing_allocation must be one of uniform, lr (got 'owl')" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def sliced_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sliced")
-    recipe = write_recipe(
-        out / "recipe.yaml",
-        tiny_model_dir,
-        method="slice",
-        slicing=0.25,
-        slicing_allocation="lr",
-        slicing_spread=0.1,
-        slicing_multiple=1,
-        max_steps=30,
-    )
+def run_sliced_pipeline(out: Path, model_dir: Path, **overrides) -> Path:
+    """``train/prune_lora.py`` with ``method: slice`` on a tiny model; the finished run directory."""
+    recipe = write_recipe(out / "recipe.yaml", model_dir, method="slice", slicing=0.25, slicing_multiple=1, **overrides)
     result = run(
         [
             sys.executable,
@@ -242,6 +205,12 @@ def sliced_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "run"
+
+
+@pytest.fixture(scope="module")
+def sliced_lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sliced")
+    return run_sliced_pipeline(out, tiny_model_dir, slicing_allocation="lr", slicing_spread=0.1, max_steps=30)
 
 
 def test_slice_then_lora_pipeline_exports_a_smaller_model_that_reloads(sliced_lora_run):

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, save_tiny_model, tiny_config, tiny_tokenizer
+from conftest import save_tiny_model, tiny_config, tiny_tokenizer
 from dlp.errors import DlpError
 from dlp.merge import export_model
 from dlp.slicing import check_sliceable_type, norm_scale, slice_model
 from dlp.stages.slice import SliceMethod
-from test_prune_lora import ENV, run, write_recipe
+from test_prune_lora import ENV
+from test_slicing import run_sliced_pipeline
 
 ROTATION_TOLERANCE = 1e-4  # fp32 max |logit difference| of a rotated, unsliced model
 WINDOWED = {  # a window shorter than the probes, so sliding-window layers really differ from full attention
@@ -87,6 +88,7 @@ def test_sliced_export_reloads_without_dlp(family, calib_ids, tmp_path):
     target = export_model(sliced, tiny_tokenizer(), None, tmp_path / "sliced")
     config = json.loads((target / "config.json").read_text())
     assert config["model_type"] == f"sliced_{family}" and (target / "modeling_sliced.py").is_file()
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling_sliced.{type(sliced).__name__}"
     probe = tmp_path / "logits.pt"
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM as M; "
@@ -157,22 +159,7 @@ def test_unsliceable_types_are_refused_from_the_config_alone(model_type, reason)
 @pytest.fixture(scope="module")
 def phi3_sliced_lora_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phi3")
-    model_dir = save_tiny_model(out / "phi3-tiny", "phi3")
-    recipe = write_recipe(
-        out / "recipe.yaml", model_dir, method="slice", slicing=0.25, slicing_multiple=1, max_steps=20
-    )
-    result = run(
-        [
-            sys.executable,
-            str(REPO / "train" / "prune_lora.py"),
-            "--config",
-            str(recipe),
-            "--output_dir",
-            str(out / "run"),
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "run"
+    return run_sliced_pipeline(out, save_tiny_model(out / "phi3-tiny", "phi3"), max_steps=20)
 
 
 def test_phi3_slice_then_lora_pipeline_exports_a_model_that_reloads(phi3_sliced_lora_run):
