@@ -18,6 +18,16 @@ def one_line_parse_errors(parser) -> None:
     parser.error = error
 
 
+def perplexity_change(ppl: dict, before: str, after: str) -> str:
+    """``dense 29.53 → pruned 343.59`` for the scripts' result line; a figure the run did not measure says so."""
+
+    def value(name: str) -> str:
+        entry = ppl.get(name)
+        return f"{entry['value']:.2f}" if entry else "not measured"
+
+    return f"{before} {value(before)} → {after} {value(after)}"
+
+
 def run_cli(main: Callable[[], object]) -> None:
     try:
         main()

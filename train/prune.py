@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
-from dlp.cli import run_cli  # noqa: E402
+from dlp.cli import perplexity_change, run_cli  # noqa: E402
 from dlp.config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.stages.prune import run_prune  # noqa: E402
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = run_prune(model_args, calib_args.seeded(run_args.seed), prune_args, eval_args, run_args).to_dict()
     ppl = report["perplexity"]
     print(
-        f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity dense "
-        f"{ppl['dense']['value'] if ppl.get('dense') else float('nan'):.2f} → pruned {ppl['pruned']['value']:.2f}"
+        f"[dlp] sparsity {100 * report['sparsity']['overall']:.2f}% | perplexity "
+        f"{perplexity_change(ppl, 'dense', 'pruned')}"
     )
     print(f"[dlp] results in {run_args.output_dir}: masks.safetensors, model/, report.json, summary.md, sparsity.png")
     return report

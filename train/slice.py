@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
-from dlp.cli import run_cli  # noqa: E402
+from dlp.cli import perplexity_change, run_cli  # noqa: E402
 from dlp.config import CalibrationArguments, EvalArguments, RunArguments, SliceArguments, parse_config  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.stages.slice import run_slice  # noqa: E402
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     ppl, slicing = report["perplexity"], report["slicing"]
     print(
         f"[dlp] sliced {100 * slicing['mean_fraction']:.2f}% of the width, parameters "
-        f"{slicing['parameters']['ratio']:.3f}× | perplexity dense "
-        f"{ppl['dense']['value'] if ppl.get('dense') else float('nan'):.2f} → sliced {ppl['sliced']['value']:.2f}"
+        f"{slicing['parameters']['ratio']:.3f}× | perplexity {perplexity_change(ppl, 'dense', 'sliced')}"
     )
     print(
         f"[dlp] results in {run_args.output_dir}: model/ (trust_remote_code=True), report.json, summary.md, widths.png"
