@@ -133,6 +133,7 @@ def capture_inputs(
     """Run the model with recording stubs to collect every layer's inputs; only non-layer modules compute.
 
     ``memory`` is the ``calibration_memory`` setting that places the hidden states (:mod:`dlp.placement`)."""
+    device = _indexed(device)
     _, layers = find_decoder_layers(model)
     offload = input_ids.device if input_ids.device.type != "meta" else torch.device("cpu")
 
@@ -157,6 +158,15 @@ def capture_inputs(
         _synchronize(device)
         return CapturedInputs(recorder.hidden, recorder.calls, batch_size, tuple_outputs, recorder.placement)
     raise RuntimeError("could not capture decoder-layer inputs: the layers' outputs have an unknown structure")
+
+
+def _indexed(device: torch.device | str) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: tensors report their device with its index, and comparing the two is how
+    the sweep tells resident hidden states from parked ones."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _synchronize(device: torch.device) -> None:
@@ -228,7 +238,7 @@ def sweep(
     on a GPU. A sweep that captures its own inputs lets go of them after layer 0, so only two hidden-state
     buffers (a layer's inputs and outputs) are ever held; ``captured`` from the caller is left as it was.
     """
-    device = torch.device(device)
+    device = _indexed(device)
     _, layers = find_decoder_layers(model)
     hidden = None
     if captured is None:
