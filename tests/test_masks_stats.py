@@ -367,6 +367,30 @@ def test_stats_hook_with_a_shared_reducer_counts_hits():
     assert stats["c"].tokens == 9 and stats["c"].sq_sum.tolist() == [30.0, 15.0, 6.0]
 
 
+def test_shared_reducer_adds_windows_in_float64_hand_case():
+    """Window sums 2²⁴ and 3 are added in float64: 2²⁴ + 3 (float32 would round it to 2²⁴ + 4)."""
+    windows = torch.tensor([[[4096.0], [0.0], [0.0]], [[1.0], [1.0], [1.0]]])  # [2 windows, 3 tokens, 1]
+    reduced = _SharedReducer().reduce(windows, want_xtx=False)
+    assert reduced.tokens == 6 and reduced.sq_sum.tolist() == [2.0**24 + 3]
+    assert torch.tensor(2.0**24 + 3, dtype=torch.float32).item() == 2.0**24 + 4
+    flat = _SharedReducer().reduce(torch.tensor([[4096.0], [0.0], [0.0]]), want_xtx=False)  # 2-D: one window
+    assert flat.tokens == 3 and flat.sq_sum.tolist() == [2.0**24]
+
+
+def test_statistics_do_not_depend_on_how_windows_are_grouped_into_forwards():
+    """The same windows through one forward of 8, or forwards of 1, 3 and 4, give bit-identical sums: otherwise the
+    micro-batch size changes the last bits of ‖X‖, and sequential pruning amplifies that into ~1% of mask bits."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 512, 16, generator=gen) * torch.logspace(-3, 3, 16)
+    whole = _SharedReducer().reduce(x, want_xtx=False).sq_sum
+    for sizes in ([1] * 8, [3, 5], [4, 4]):
+        stats = InputStats(16)
+        for part in x.split(sizes):
+            stats.add(_SharedReducer().reduce(part, want_xtx=False))
+        assert torch.equal(stats.sq_mean, whole.div(8 * 512).float())
+        assert torch.allclose(stats.sq_sum, whole, rtol=1e-15, atol=0)
+
+
 # --- data: windows ----------------------------------------------------------------------------------------------------
 def test_sample_windows_hand_case_single_possible_start():
     # 5 tokens, windows of 4: the only start is 0

@@ -100,3 +100,21 @@ def test_mask_exact_lora_on_smollm2_merges_exactly_and_plain_merge_does_not(smol
         assert masks.violations(plain) > 0.5 * sum(int((~m).sum()) for m in masks.masks.values())
     finally:
         model.load_state_dict(dense, strict=False)  # get_peft_model wraps in place; merge_and_unload unwraps
+
+
+def test_sequential_masks_do_not_depend_on_the_micro_batch(smollm2):
+    """8 windows through forwards of 1 or of 8 give bit-identical masks on CPU. Before the statistics summed each
+    window on its own, the last bits of ‖X‖ depended on the grouping, and sequential pruning at 70% amplified
+    that from layer 12 on into ~0.6% of all mask bits here (1.3% at 32 windows)."""
+    model, tokenizer = smollm2
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = load_calibration(tokenizer, CALIB, nsamples=8, seqlen=512, seed=0).input_ids
+    sparsities = compute_sparsities(PruneArguments(), score_layers(model, calib).layers, layer_param_counts(model))
+    digests = []
+    try:
+        for batch_size in (1, 8):
+            digests.append(prune_model(model, calib, sparsities, PruneSpec("wanda"), batch_size=batch_size).digest())
+            model.load_state_dict(dense)
+    finally:
+        model.load_state_dict(dense)
+    assert digests[0] == digests[1]
