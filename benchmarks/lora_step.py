@@ -35,6 +35,7 @@ from dlp.masks import MaskSet  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer, prunable_linears  # noqa: E402
 from dlp.criteria import keep_mask, magnitude_scores, parse_pattern  # noqa: E402
 from dlp.process import cpu_has_bf16_matrix_units, resolve_device, setup  # noqa: E402
+from dlp.resources import synchronize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lora_step.json"
 
@@ -72,19 +73,15 @@ def step_fn(model, optimizer: torch.optim.Optimizer, ids: torch.Tensor, precisio
     model.train()
     device = ids.device
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def step() -> float:
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize()
+        synchronize(device)
         return time.perf_counter() - start
 
     return step

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from dlp.modeling import DEMO_MODEL, find_decoder_layers, find_linears, load_mod
 from dlp.process import setup  # noqa: E402
 from dlp.stats import InputStats  # noqa: E402
 from dlp.sweep import LayerContext  # noqa: E402
+from dlp.resources import peak_rss_mib, synchronize  # noqa: E402
 
 SPARSITY, ALPHA = 0.7, 0.15
 
@@ -140,11 +140,6 @@ def engine(model, ids, device, mode: str, memory: str) -> MaskSet:
     return prune_model(model, ids, sparsities, spec, mode=mode, device=device, batch_size=8, stats=stats, memory=memory)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_variant(variant: str, args) -> dict:
     setup(0)
     device = torch.device(args.device)
@@ -155,20 +150,20 @@ def run_variant(variant: str, args) -> dict:
     ids = load_calibration(tokenizer, "builtin:wikitext2-valid", args.nsamples, args.seqlen, seed=0).input_ids
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     if variant == "baseline":
         masks = baseline(model, ids, device)
     else:
         masks = engine(model, ids, device, variant.replace("engine", "sequential"), args.calibration_memory)
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     masks.save(Path(args.masks_dir) / f"{variant}.safetensors")
     result = {
         "variant": variant,
         "seconds": seconds,
         "masks_digest": masks.digest(),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "sparsity": masks.sparsity_report()["overall"],
     }
     if device.type == "cuda":

@@ -24,7 +24,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dlp.io import atomic_write_json  # noqa: E402
+from dlp.resources import peak_rss_mib, synchronize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "qlora_memory.json"
 VARIANTS = {  # name -> (base dtype = compute dtype, load_in_4bit)
@@ -52,10 +52,6 @@ def resident_mib() -> float:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def tensor_mib(model) -> float:
@@ -88,19 +84,14 @@ def timed_steps(model, windows: torch.Tensor, batch: int, steps: int, device: to
     model.train()
     seconds = []
     for step in range(steps):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         loss_of(windows[step * batch : (step + 1) * batch].to(device)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def worker(variant: str, args) -> dict:

@@ -29,10 +29,23 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[f"{name}_s"] = timings.get(f"{name}_s", 0.0) + time.perf_counter() - start
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): clocks read after it time the work, not its launch,
+    and non-blocking copies into host buffers are complete after it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far, in MiB (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory(device: torch.device | str | None = None) -> dict[str, float | None]:
     """``{"host_mib": peak resident set, "device_mib": peak CUDA memory or None}`` of this process so far."""
     device = torch.device(device) if device is not None else None
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    host = peak_rss_mib()
     on_device = None
     if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
         on_device = torch.cuda.max_memory_allocated(device) / MIB

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .modeling import find_decoder_layers, find_linears
 from .placement import Placement, plan_placement
+from .resources import synchronize
 
 
 class _StopForward(Exception):
@@ -155,7 +156,7 @@ def capture_inputs(
                 continue
             finally:
                 model.to(offload)
-        _synchronize(device)
+        synchronize(device)
         return CapturedInputs(recorder.hidden, recorder.calls, batch_size, tuple_outputs, recorder.placement)
     raise RuntimeError("could not capture decoder-layer inputs: the layers' outputs have an unknown structure")
 
@@ -167,12 +168,6 @@ def _indexed(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work: the non-blocking copies into host buffers are complete after it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -212,7 +207,7 @@ class LayerContext:
             if outputs is not None:
                 outputs[start : start + size].copy_(result, non_blocking=parked)
         if parked:
-            _synchronize(self.device)
+            synchronize(self.device)
         return outputs
 
 
