@@ -64,7 +64,7 @@ class CalibrationArguments:
     calibration_memory: str = field(
         default="auto",
         metadata={
-            "help": "Device memory the sweep may hold calibration hidden states in: auto (80% of what is free, "
+            "help": "Device memory the sweep may hold calibration hidden states in: auto (80 percent of what is free, "
             "within a per-process cap), a size in GiB, or host (park them in pinned host memory). No effect on CPU."
         },
     )
@@ -423,7 +423,7 @@ def parse_config(
     for flag, value, note in defaults:
         if flag not in argv and flag.lstrip("-") not in recipe:
             argv += [flag, value]
-            if note and os.environ.get("RANK", "0") == "0":  # once, not once per process
+            if note and os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(argv):  # once per run
                 print(f"[dlp] {note}")
     try:
         return parser.parse_args_and_config(args=argv)

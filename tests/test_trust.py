@@ -446,3 +446,30 @@ def test_prune_lora_without_a_recipe_runs_on_cpu_and_says_in_which_precision(tin
     else:
         assert "no GPU here: training in float32 (bf16: false" in result.stdout
     assert "gemm_4bit_forward" not in result.stderr and "Setting accelerator to CPU" not in result.stderr
+
+
+def test_every_settings_help_text_formats():
+    """argparse %-formats help texts, so a bare "80%" in one field's help made every script's --help fail."""
+    from trl import TrlParser
+
+    import dlp.config as config
+
+    settings = [
+        kind for kind in vars(config).values() if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__")
+    ]
+    assert len(settings) >= 5
+    for kind in settings:
+        assert TrlParser([kind]).format_help().startswith("usage:")
+
+
+@pytest.mark.parametrize("script", ["prune.py", "slice.py", "prune_lora.py"])
+def test_help_prints_every_setting(script):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train" / script), "--help"], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-500:]
+    assert (
+        result.stdout.startswith("usage:")
+        and "--output_dir" in result.stdout
+        and "--calibration_memory" in result.stdout
+    )
