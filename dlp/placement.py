@@ -83,8 +83,7 @@ def working_bytes(layer: nn.Module, batch_tokens: int, dtype: torch.dtype) -> in
     copy and square the statistics hooks take of a projection's input."""
     widths = [max(m.weight.shape) for m in layer.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
     widest = max(widths, default=1)
-    element = torch.empty((), dtype=dtype).element_size()
-    return batch_tokens * widest * (3 * element + 2 * 4)
+    return batch_tokens * widest * (3 * dtype.itemsize + 2 * 4)
 
 
 def plan_placement(
@@ -92,7 +91,7 @@ def plan_placement(
 ) -> Placement:
     """Decide where a sweep keeps hidden states of ``shape`` ([windows, seqlen, width]) and ``dtype``."""
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
-    hidden_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    hidden_bytes = math.prod(shape) * dtype.itemsize
     batch_tokens = batch_size * math.prod(shape[1:-1])
     needed = 2 * hidden_bytes + layer_bytes + working_bytes(layer, batch_tokens, dtype)
     if device.type != "cuda":
