@@ -104,9 +104,8 @@ def main() -> None:
     for path in args.sliced:
         models[str(path)] = load_model_and_tokenizer(path, args.dtype)[0].to(device)
     for fraction in filter(None, args.shapes.split(",")):
-        dtype = resolve_dtype(args.dtype)
         models[f"uniformly sliced {float(fraction):.0%} (random weights)"] = uniformly_sliced(
-            models["dense"], float(fraction), device, dtype
+            models["dense"], float(fraction), device, resolve_dtype(args.dtype)
         )
     vocab = models["dense"].config.vocab_size
     ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)

@@ -67,22 +67,22 @@ class _SharedReducer:
         if x is self.last_input and (self.last.xtx is not None or not want_xtx):
             self.cache_hits += 1
             return self.last
-        values = x.detach()
-        flat = values.reshape(-1, values.shape[-1]).float() if want_xtx else None
+        values = x.detach().float()  # one float32 copy serves both statistics
+        flat = values.reshape(-1, values.shape[-1])
         xtx = flat.T @ flat if want_xtx else None
         sq_sum = _window_sums(values).double().sum(0)
-        self.last_input, self.last = x, _Reduced(values.numel() // values.shape[-1], sq_sum, xtx)
+        self.last_input, self.last = x, _Reduced(flat.shape[0], sq_sum, xtx)
         return self.last
 
 
 def _window_sums(x: torch.Tensor) -> torch.Tensor:
-    """Per-window float32 sums of x_j² (one row per window, or one row for flat tokens).
+    """Per-window sums of x_j² of a float32 ``x`` (one row per window, or one row for flat tokens).
 
     Summing each window in float32 and the windows in float64 makes the result independent of how many windows
     share a forward: a micro-batch of 8 gives the same bits as 8 forwards of one window, so the masks do not
     depend on ``batch_size`` on CPU (sequential pruning amplifies a last-bit difference into ~1% of mask bits)."""
     rows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
-    return rows.float().pow(2).sum(1)
+    return rows.pow(2).sum(1)
 
 
 def stats_hook(stats: InputStats, reducer: _SharedReducer):

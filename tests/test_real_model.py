@@ -111,10 +111,9 @@ def test_sequential_masks_do_not_depend_on_the_micro_batch(smollm2):
     calib = load_calibration(tokenizer, CALIB, nsamples=8, seqlen=512, seed=0).input_ids
     sparsities = compute_sparsities(PruneArguments(), score_layers(model, calib).layers, layer_param_counts(model))
     digests = []
-    try:
-        for batch_size in (1, 8):
+    for batch_size in (1, 8):
+        try:
             digests.append(prune_model(model, calib, sparsities, PruneSpec("wanda"), batch_size=batch_size).digest())
+        finally:
             model.load_state_dict(dense)
-    finally:
-        model.load_state_dict(dense)
     assert digests[0] == digests[1]
