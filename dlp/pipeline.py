@@ -45,7 +45,7 @@ from .masks import MaskSet
 from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
 from .modeling import load_model_and_tokenizer
 from .preflight import ModelPlan, check_teacher
-from .process import resolve_device
+from .process import resolve_device, seed_all
 from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout, prepare_4bit_for_training
 from .report import write_finetune_report
 from .report_schema import FinetuneReport, StageReport
@@ -339,6 +339,7 @@ def _finetune_stage(
         )
         if quantization is not None:
             model = prepare_4bit_for_training(model, bool(sft_args.activation_checkpointing))
+        seed_all(sft_args.seed)  # the adapter's initial A: the same whether the stage ran here, was reused or resumed
         peft_model = masked_lora_model(model, masks, model_args, method.lora_targets(model))
     if state.is_main_process:
         peft_model.print_trainable_parameters()

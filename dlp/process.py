@@ -27,9 +27,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup(seed: int) -> None:
+    seed_all(seed)
+    torch.set_flush_denormal(True)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's and torch's generators (torch's seeds every device too).
+
+    Needed wherever a run draws random numbers, not once per process: a fresh process's torch generator starts
+    from a random seed (torch 2.13 here), and a run that reuses a finished stage skips that stage's seeding."""
     random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_flush_denormal(True)
 
 
 def use_cpu_without_accelerator() -> list[tuple[str, str, str]]:

@@ -169,6 +169,19 @@ def test_standalone_merge_script_reproduces_the_export(reference_run, tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_reusing_the_prune_stage_trains_the_same_adapter_bit_for_bit(reference_run, tmp_path):
+    """Same recipe, same bytes, whether the pipeline pruned or was handed a finished prune run: the adapter's
+    random initialisation is seeded from the recipe where it is drawn. Before, a reused stage skipped the only
+    seeding, and a fresh process's torch generator starts from a random seed, so two identical runs differed."""
+    recipe = reference_run.parent / "recipe.yaml"
+    out = tmp_path / "reused"
+    args = [sys.executable, str(SCRIPT), "--config", str(recipe), "--output_dir", str(out)]
+    result = run([*args, "--prune_dir", str(reference_run / "prune")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
+        assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
+
+
 def test_killed_during_finetuning_resumes_to_the_same_model(reference_run, tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir)
     out = tmp_path / "run"
