@@ -45,7 +45,7 @@ from .masks import MaskSet
 from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
 from .modeling import load_model_and_tokenizer
 from .preflight import ModelPlan, check_teacher
-from .process import resolve_device, seed_all
+from .process import resolve_device, seed_all, setup
 from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout, prepare_4bit_for_training
 from .report import write_finetune_report
 from .report_schema import FinetuneReport, StageReport
@@ -89,6 +89,7 @@ def run_prune_lora(
     method = get_method(ft_args.method)
     margs = method_args[method.name]
     calib_args.seeded(sft_args.seed)
+    setup(sft_args.seed)  # also for a run that reuses a finished stage, which skips the stage's own setup
     distill_args = distill_args or DistillationArguments()
     _check_training_settings(model_args, method, eval_args, ft_args, sft_args)
     finished = finished_report(out, ft_args.overwrite, announce=state.is_main_process)
