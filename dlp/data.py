@@ -12,6 +12,21 @@ Every source becomes one text that is tokenized once. A text file is taken as it
 protocol does with the hub's rows (``"\\n\\n".join(test["text"])``). On the WikiText-2 raw test file shipped in
 ``shared/`` and in ``builtin:wikitext2-test`` (one paragraph per line, no blank lines) the file-as-is rule gives
 SmolLM2-135M a dense perplexity of 29.53 over 64×512 windows, the project's reference figure.
+
+Only as much of a source is read and tokenized as the windows need, so memory and time do not grow with the file
+(``check_source`` alone streams a whole local file, in 1 MiB chunks, to check that it is UTF-8):
+
+* consecutive windows (fine-tuning with ``train_max_windows``, evaluation with ``max_windows``) read a prefix of
+  ``CHARS_PER_TOKEN`` = 8 characters per needed token, cut after its last line break, and double it until it
+  tokenizes to ``TOKEN_MARGIN`` = 64 more tokens than needed; the tokens next to the cut, which a tokenizer may
+  merge differently, are never used, so the windows are exactly those of the whole text;
+* calibration windows are drawn from the first ``calibration_char_cap(nsamples, seqlen)`` = max(4 MiB,
+  32 × nsamples × seqlen) characters of the text, cut after their last line break. A text no longer than that, such
+  as ``builtin:wikitext2-valid`` (1.1 M characters), is read whole and gives the windows it always gave; a longer
+  one is calibrated on its first part only.
+
+A ``.jsonl`` row is read whole; a hub dataset is streamed row by row until the limit. Without ``max_windows`` the
+whole text is read.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import io
 import json
 import random
 import warnings
@@ -37,6 +53,18 @@ BUILTIN_SOURCES = {
 _TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
 
 
+CHARS_PER_TOKEN = 8  # first guess of the characters a needed token takes (real text: about 4)
+TOKEN_MARGIN = 64  # tokens read past those needed, never used: the cut may tokenize differently next to it
+CALIBRATION_MIN_CHARS = 4 << 20  # 4 MiB: builtin:wikitext2-valid (1.1 M characters) stays whole
+CALIBRATION_CHARS_PER_TOKEN = 32  # about 8× the tokens the windows cover, so random windows rarely overlap
+_CHUNK_BYTES = 1 << 20
+
+
+def calibration_char_cap(nsamples: int, seqlen: int) -> int:
+    """How many characters of a source the calibration windows are drawn from: max(4 MiB, 32 × nsamples × seqlen)."""
+    return max(CALIBRATION_MIN_CHARS, CALIBRATION_CHARS_PER_TOKEN * nsamples * seqlen)
+
+
 def read_text(
     source: str,
     split: str = "train",
@@ -44,27 +72,81 @@ def read_text(
     max_documents: int | None = None,
     max_chars: int | None = None,
 ) -> str:
-    """The whole text of ``source``: a text file as it is, rows of jsonl/hub datasets joined with blank lines."""
+    """The whole text of ``source``: a text file as it is, rows of jsonl/hub datasets joined with blank lines
+    (``max_documents`` and ``max_chars`` stop a streamed hub dataset only; a local file is read whole)."""
+    return _read_source(source, split, text_field, max_documents, max_chars, file_chars=None)[0]
+
+
+def read_text_prefix(
+    source: str, max_chars: int, split: str = "train", text_field: str = "text", max_documents: int | None = None
+) -> tuple[str, bool]:
+    """The start of ``source``'s text and whether it is the whole text. A text longer than ``max_chars`` characters
+    is cut to its first ``max_chars``, then after their last line break (so the tokenizer sees whole lines); a hub
+    dataset stops after the row that reaches ``max_chars`` or ``max_documents``, as :func:`read_text` does."""
+    return _read_source(source, split, text_field, max_documents, max_chars, file_chars=max_chars)
+
+
+def _read_source(
+    source: str,
+    split: str,
+    text_field: str,
+    max_documents: int | None,
+    max_chars: int | None,
+    file_chars: int | None,
+) -> tuple[str, bool]:
+    """(text, whole): a hub dataset streamed up to ``max_documents``/``max_chars``; a builtin or local file up to
+    ``file_chars`` characters (None: whole), cut after its last line break when it is longer."""
     if source in BUILTIN_SOURCES:
-        with gzip.open(BUILTIN_SOURCES[source], "rt", encoding="utf-8") as handle:
-            return handle.read()
+        with gzip.open(BUILTIN_SOURCES[source], "rb") as handle:
+            text, whole = _decode_prefix(handle, source, file_chars)
+        return (text, True) if whole else (_cut_at_line(text), False)
     check_source(source, scan=False)  # the read below reports a non-UTF-8 byte itself
     path = Path(source).expanduser()
+    if not path.exists():
+        docs, whole = _read_hub(source, split, text_field, max_documents, max_chars)
+        return "\n\n".join(docs), whole
     try:
-        if path.exists() and path.suffix != ".jsonl":
-            return path.read_text(encoding="utf-8").replace("\r\n", "\n")
-        docs = (
-            _read_jsonl(path, text_field)
-            if path.exists()
-            else _read_hub(source, split, text_field, max_documents, max_chars)
-        )
+        if path.suffix != ".jsonl":
+            with path.open("rb") as handle:
+                text, whole = _decode_prefix(handle, str(path), file_chars)
+        else:
+            docs, whole = _read_jsonl(path, text_field, file_chars)
+            text = "\n\n".join(docs)
     except UnicodeDecodeError as exc:
         raise DlpError(
             f"data: {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r})"
         )
     except OSError as exc:
         raise DlpError(f"data: cannot read {path} ({exc.strerror or type(exc).__name__})")
-    return "\n\n".join(docs)
+    return (text, True) if whole else (_cut_at_line(text[:file_chars]), False)
+
+
+def _decode_prefix(handle, name: str, max_chars: int | None) -> tuple[str, bool]:
+    """(text, whole): a binary file decoded as UTF-8 with universal newlines, as ``open(path, encoding="utf-8")``
+    reads it, chunk by chunk until more than ``max_chars`` characters (truncated to them) or the end of the file:
+    never the whole of a large file when a prefix is asked for."""
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+    parts: list[str] = []
+    chars = offset = 0
+    try:
+        while max_chars is None or chars <= max_chars:
+            chunk = handle.read(_CHUNK_BYTES)
+            parts.append(decoder.decode(chunk, final=not chunk))
+            chars += len(parts[-1])
+            if not chunk:
+                return "".join(parts), True
+            offset += len(chunk)
+    except UnicodeDecodeError as exc:
+        raise DlpError(
+            f"data: {name} is not UTF-8 text (byte {offset + exc.start} is {exc.object[exc.start : exc.start + 1]!r})"
+        )
+    return "".join(parts)[:max_chars], False
+
+
+def _cut_at_line(text: str) -> str:
+    """A partial text cut after its last line break (kept whole when it has none: the token margin covers it)."""
+    end = text.rfind("\n")
+    return text[: end + 1] if end >= 0 else text
 
 
 def check_source(source: str, field: str = "data", scan: bool = True) -> None:
@@ -101,8 +183,11 @@ def check_source(source: str, field: str = "data", scan: bool = True) -> None:
         raise DlpError(f"{field}: cannot read {path} ({exc.strerror or type(exc).__name__})")
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+def _read_jsonl(path: Path, text_field: str, max_chars: int | None = None) -> tuple[list[str], bool]:
+    """(rows, whole): the ``text_field`` of each row, until the rows joined hold more than ``max_chars``
+    characters (None: all rows; a row is read whole)."""
+    docs: list[str] = []
+    chars = -2  # the rows are joined with "\n\n"
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -115,11 +200,17 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                 isinstance(record, dict) and text_field in record, f"data: {path}:{number} has no field {text_field!r}"
             )
             docs.append(str(record[text_field]))
-    return docs
+            chars += len(docs[-1]) + 2
+            if max_chars is not None and chars > max_chars:
+                return docs, False
+    return docs, True
 
 
-def _read_hub(source: str, split: str, text_field: str, max_documents: int | None, max_chars: int | None) -> list[str]:
-    """Stream a hub dataset's rows until ``max_documents`` rows or ``max_chars`` characters (C4 is huge)."""
+def _read_hub(
+    source: str, split: str, text_field: str, max_documents: int | None, max_chars: int | None
+) -> tuple[list[str], bool]:
+    """(rows, whole): a hub dataset's rows streamed until ``max_documents`` rows or ``max_chars`` characters (C4 is
+    huge); whole when the stream ended first."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
@@ -134,8 +225,8 @@ def _read_hub(source: str, split: str, text_field: str, max_documents: int | Non
             if (max_documents is not None and len(docs) >= max_documents) or (
                 max_chars is not None and chars >= max_chars
             ):
-                break
-        return docs
+                return docs, False
+        return docs, True
     except Exception as exc:  # offline, unknown id, wrong split: all user-fixable
         raise DlpError(
             f"data: {source!r} is not a local file, a builtin source or a reachable hub dataset ({type(exc).__name__})"
@@ -147,6 +238,25 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     require(text.strip() != "", "data: the source holds no text")
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def load_token_stream(
+    tokenizer, source: str, split: str = "train", min_tokens: int | None = None, text_field: str = "text"
+) -> torch.Tensor:
+    """``source``'s token ids: the whole text tokenized once, or with ``min_tokens`` its first ``min_tokens`` ids
+    (all of them if the text holds fewer), exactly as the whole text gives them. Only a prefix of the text is read:
+    ``CHARS_PER_TOKEN`` characters per token, doubled until it tokenizes to ``TOKEN_MARGIN`` more ids than needed,
+    since the ids next to the cut may differ from the whole text's."""
+    if min_tokens is None:
+        return tokenize_text(tokenizer, read_text(source, split, text_field))
+    chars = CHARS_PER_TOKEN * max(min_tokens, 1)
+    while True:
+        text, whole = read_text_prefix(source, chars, split, text_field)
+        if whole or text.strip():  # a prefix of blank lines says nothing yet about the text
+            ids = tokenize_text(tokenizer, text)
+            if whole or ids.numel() >= min_tokens + TOKEN_MARGIN:
+                return ids[:min_tokens].clone()  # the rest of the prefix's ids is freed with it
+        chars *= 2
 
 
 @dataclass(frozen=True)
@@ -187,9 +297,11 @@ def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
 def load_calibration(
     tokenizer, source: str, nsamples: int, seqlen: int, seed: int, split: str = "train"
 ) -> CalibrationSet:
-    """Calibration windows from ``source``. For hub datasets only enough documents for the windows are read."""
+    """Calibration windows from the first ``calibration_char_cap(nsamples, seqlen)`` characters of ``source`` (its
+    whole text when shorter, see the module docstring); a hub dataset is streamed for at most max(64, 8 × nsamples)
+    rows."""
     budget = max(64, nsamples * 8)  # documents, for streamed hub datasets
-    text = read_text(source, split=split, max_documents=budget)
+    text, _ = read_text_prefix(source, calibration_char_cap(nsamples, seqlen), split, max_documents=budget)
     ids = sample_windows(tokenize_text(tokenizer, text), nsamples, seqlen, seed)
     return CalibrationSet(input_ids=ids, source=source, seed=seed)
 
@@ -209,7 +321,7 @@ def consecutive_windows(
 def load_training_windows(
     tokenizer, source: str, seqlen: int, split: str = "train", max_windows: int | None = None
 ) -> torch.Tensor:
-    """Fine-tuning windows ``[n, seqlen]`` of ``source`` (the whole text, tokenized once). With ``max_windows``
-    a hub dataset is streamed only until it holds enough text (about 8 characters per token, a safe margin)."""
-    text = read_text(source, split=split, max_chars=8 * seqlen * max_windows if max_windows else None)
-    return consecutive_windows(tokenize_text(tokenizer, text), seqlen, max_windows, purpose="fine-tuning data")
+    """Fine-tuning windows ``[n, seqlen]`` from the start of ``source``: all of the text's, or with ``max_windows``
+    the first ones, read from only as much of the text as they need (:func:`load_token_stream`)."""
+    stream = load_token_stream(tokenizer, source, split, seqlen * max_windows if max_windows else None)
+    return consecutive_windows(stream, seqlen, max_windows, purpose="fine-tuning data")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import consecutive_windows, read_text, tokenize_text
+from .data import consecutive_windows, load_token_stream
 from .errors import require
 
 
@@ -39,9 +39,10 @@ class Perplexity:
         return f"{self.value:.2f} ({self.windows}×{self.seqlen} tokens of {self.source})"
 
 
-def eval_stream(tokenizer, source: str) -> torch.Tensor:
-    """Token stream of an evaluation source (its whole text, tokenized once)."""
-    return tokenize_text(tokenizer, read_text(source, split="test"))
+def eval_stream(tokenizer, source: str, min_tokens: int | None = None) -> torch.Tensor:
+    """Token stream of an evaluation source: its whole text tokenized once, or (``min_tokens``) only as much of it
+    as that many tokens need, with the same ids (:func:`dlp.data.load_token_stream`)."""
+    return load_token_stream(tokenizer, source, "test", min_tokens)
 
 
 @torch.no_grad()
@@ -58,7 +59,8 @@ def perplexity(
     """Perplexity of ``model`` on ``source`` (see module docstring for the protocol)."""
     require(seqlen >= 2, f"eval_seqlen must be >= 2 (got {seqlen})")
     start = time.perf_counter()
-    stream = eval_stream(tokenizer, source) if stream is None else stream
+    if stream is None:
+        stream = eval_stream(tokenizer, source, seqlen * max_windows if max_windows else None)
     windows = consecutive_windows(stream, seqlen, max_windows)
     home = next(model.parameters()).device
     model.to(device)
