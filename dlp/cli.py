@@ -6,6 +6,7 @@ import sys
 from typing import Callable
 
 from .errors import DlpError, ResultCheckFailed
+from .io import is_out_of_space
 
 
 def one_line_parse_errors(parser) -> None:
@@ -40,3 +41,8 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except Exception as exc:  # a full disk in a write dlp does not wrap (a library's checkpoint): still one line
+        if not is_out_of_space(exc):
+            raise
+        print(f"error: no space left on the device while writing ({str(exc).splitlines()[0][:160]})", file=sys.stderr)
+        raise SystemExit(2)

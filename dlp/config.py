@@ -21,6 +21,10 @@ from .pruner import check_prune_mode
 
 
 MERGE_BASES = ("full", "dequantized")
+WAIT_FOR_LOCK_HELP = (
+    "If another dlp run is writing into output_dir, wait for it to end (then reuse its result if the recipe is the "
+    "same) instead of stopping with an error."
+)
 # Recipes renamed to one scheme, <allocation>_<criterion or slice>_<percent>[_<recovery>] (2026-11): the old path still
 # works, with a deprecation line, when the new file sits where the old one was.
 RENAMED_RECIPES = {
@@ -333,13 +337,18 @@ class FinetuneArguments:
         metadata={"help": "Also write model-4bit/: the merged sparse model re-quantized to 4-bit (bnb_4bit_* fields)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Start over even if output_dir holds a (partial) run."})
+    wait_for_lock: bool = field(default=False, metadata={"help": WAIT_FOR_LOCK_HELP})
 
     def __post_init__(self) -> None:
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
         require_choice("merge_base", self.merge_base, MERGE_BASES)
-        from .stages import METHODS  # here: the stages import this module
-
-        require_choice("method", self.method, tuple(METHODS))
+        require(
+            not (self.prune_dir and self.slice_dir),
+            "prune_dir and slice_dir cannot both be set: a run reuses the finished stage of its own method "
+            "(prune_dir for method prune, slice_dir for method slice); remove one",
+        )
+        # ``method`` is checked against the registry where it is looked up (dlp.stages.get_method), at the start of
+        # the run: checking it here too would make this module import the stages, which import it.
 
 
 TEACHER_MODES = ("online", "cached")
@@ -390,9 +399,24 @@ class RunArguments:
     """Where results go (``train/prune.py``; the fine-tuning script takes these from its training arguments)."""
 
     output_dir: str = field(default="outputs/prune", metadata={"help": "Directory for masks, model and report."})
-    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling (same seed, same masks)."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed for calibration sampling (same seed, same masks); 0 in every dlp script by default."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Start over even if output_dir holds a finished run."})
+    wait_for_lock: bool = field(default=False, metadata={"help": WAIT_FOR_LOCK_HELP})
     save_model: bool = field(default=True, metadata={"help": "Save the pruned model (safetensors) besides the masks."})
+
+
+def check_no_training_quantization(model_args, script: str) -> None:
+    """``load_in_4bit``/``load_in_8bit`` are training settings (a QLoRA base in ``train/prune_lora.py``): the
+    compression scripts prune and slice the full-precision model, so the flags would be silently ignored there."""
+    for name in ("load_in_4bit", "load_in_8bit"):
+        require(
+            not getattr(model_args, name, False),
+            f"{name}: {script} compresses the full-precision model and has no 4- or 8-bit mode; a 4-bit (QLoRA) "
+            f"base is a training setting of train/prune_lora.py: set {name} false here",
+        )
 
 
 def parse_config(
@@ -445,13 +469,33 @@ def renamed_recipe(path: str) -> str:
     return new
 
 
+def _unique_key_loader():
+    """A safe YAML loader that refuses a mapping key given twice (the plain loader keeps the last value silently:
+    a recipe with ``sparsity`` twice would run at whichever came last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DlpError(f"config: {self.name} gives {key!r} twice (lines {seen[key]} and {line}); keep one")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _check_recipe(parser, path: str) -> dict:
-    """The recipe file must be a readable YAML mapping whose values have the types their fields take."""
+    """The recipe file must be a readable YAML mapping, each key given once, whose values have the types their
+    fields take."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as handle:
-            recipe = yaml.safe_load(handle)
+            recipe = yaml.load(handle, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
     except OSError as exc:
         raise DlpError(f"config: cannot read {path} ({exc.strerror or type(exc).__name__})")
     except UnicodeDecodeError:
@@ -464,7 +508,8 @@ def _check_recipe(parser, path: str) -> dict:
         isinstance(recipe, dict),
         f"config: {path} must be a YAML mapping of field: value (got a {type(recipe).__name__})",
     )
-    actions = {action.dest: action for action in parser._actions}
+    # the ``--field`` action of each field: a bool field also has a ``--no_field`` action with the same dest
+    actions = {action.dest: action for action in parser._actions if f"--{action.dest}" in action.option_strings}
     for key, value in recipe.items():
         action = actions.get(key)
         if action is None or value is None:

@@ -142,10 +142,13 @@ def train(
         print(f"[dlp] resuming fine-tuning from {resume}")
     trainer = trainer_class(model=peft_model, args=sft_args, train_dataset=dataset, processing_class=tokenizer, **extra)
     start = time.perf_counter()
-    try:
-        output = trainer.train(resume_from_checkpoint=resume)
-    except ValueError as exc:  # e.g. a checkpoint from another recipe
-        raise DlpError(f"finetune: {str(exc).splitlines()[0]}")
+    if resume and _finished_training(resume):
+        metrics = _restore_finished(trainer, resume)
+    else:
+        try:
+            metrics = trainer.train(resume_from_checkpoint=resume).metrics
+        except ValueError as exc:  # e.g. a checkpoint from another recipe
+            raise DlpError(f"finetune: {str(exc).splitlines()[0]}")
     seconds = time.perf_counter() - start
     state = trainer.state
     tokens = (
@@ -156,5 +159,25 @@ def train(
         * trainer.accelerator.num_processes
     )
     return trainer, TrainResult(
-        list(state.log_history), output.metrics.get("train_runtime", seconds), state.global_step, tokens, resume
+        list(state.log_history), metrics.get("train_runtime", seconds), state.global_step, tokens, resume
     )
+
+
+def _finished_training(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` was saved after the run's last step (a kill between it and the adapter's save).
+
+    The trainer resumed from such a checkpoint trains one step past ``max_steps`` (transformers 5.x), which would
+    change the adapter an uninterrupted run writes; so the caller restores it instead of training."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def _restore_finished(trainer, checkpoint: str) -> dict[str, Any]:
+    """Load the final checkpoint's weights and trainer state into ``trainer`` without training a step; the
+    adapter then saved holds the same tensors as the uninterrupted run's."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    print(f"[dlp] {checkpoint} is the last step's checkpoint: nothing left to train")
+    return {"train_runtime": 0.0}

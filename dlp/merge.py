@@ -9,6 +9,7 @@ on probe windows. The exported directory holds safetensors, config, tokenizer an
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,12 +17,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import require
+from .errors import DlpError, require
 from .io import atomic_dir, read_json
 from .lora import attach_masks
-from .masks import MaskSet
+from .masks import MaskSet, model_fingerprint
 from .modeling import load_model_and_tokenizer, prunable_linears
 from .projections import is_transposed
+from .resources import saved_bytes
 
 MERGE_TOLERANCE = 1e-4  # fp32 max |logit difference|; the merge is exact by construction, so this is a guard
 
@@ -72,6 +74,45 @@ def merge_masked(
 
 
 QUANTIZATION_FILE = "quantization.json"  # in an adapter directory: the 4-bit config its base was trained in
+# In an adapter directory: what the adapter was trained on (the masks' digest, the base's fingerprint), so a merge
+# into other masks or another model is refused instead of silently exporting a model no one trained.
+BINDING_FILE = "dlp_adapter.json"
+
+
+def adapter_binding(base: nn.Module, masks: MaskSet | None) -> dict:
+    """What an adapter trained on ``base`` (before peft wraps it) with ``masks`` is bound to."""
+    return {"masks_digest": masks.digest() if masks is not None else None, "base_fingerprint": model_fingerprint(base)}
+
+
+def check_adapter_binding(
+    adapter_dir: Path, masks: MaskSet | None, base: nn.Module | None = None, force: bool = False
+) -> None:
+    """Refuse (one line; with ``force`` a warning) an adapter trained on other masks or, once ``base`` is loaded,
+    another kind of model than the ones it is about to be merged with: called before the base loads (the masks'
+    digest) and after (the base's fingerprint). An adapter without :data:`BINDING_FILE` (from a dlp before it, or
+    not dlp's) cannot be checked, and says so."""
+    recorded = read_json(adapter_dir / BINDING_FILE)
+    if recorded is None:
+        if base is None:
+            print(f"[dlp] {adapter_dir} records no masks digest ({BINDING_FILE}): it is merged unchecked")
+        return
+    problems = []
+    digest = masks.digest() if masks is not None else None
+    if base is None and recorded.get("masks_digest") != digest:
+        made, given = (str(d)[:12] if d else "none" for d in (recorded.get("masks_digest"), digest))
+        problems.append(f"it was trained on masks {made}…, the masks given are {given}…")
+    seen = model_fingerprint(base) if base is not None else None
+    if seen is not None and recorded.get("base_fingerprint") != seen:
+        made = recorded.get("base_fingerprint") or {}
+        problems.append(
+            f"it was trained on a {made.get('model_type')} base of {made.get('num_layers')} layers with other "
+            f"projections than this {seen['model_type']} base of {seen['num_layers']} layers"
+        )
+    for problem in problems:
+        message = f"adapter_dir: {adapter_dir} does not belong to this base and masks: {problem}"
+        if not force:
+            raise DlpError(f"{message} (--force merges it anyway)")
+        warnings.warn(f"{message}; merging it anyway because of --force", stacklevel=2)
 
 
 def load_base(base_dir: str | Path, dtype: str = "float32", merge_base: str = "full", quantization: dict | None = None):
@@ -133,8 +174,10 @@ def load_adapter_model(
     masks: MaskSet | None,
     dtype: str = "float32",
     merge_base: str = "full",
+    force: bool = False,
 ):
-    """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory.
+    """(peft model with mask-exact LoRA layers, tokenizer) from a pruned base directory and an adapter directory;
+    an adapter trained on other masks or another model is refused (:func:`check_adapter_binding`).
 
     The adapter's ``fan_in_fan_out`` is set from the base it is loaded onto: an adapter trained on a 4-bit GPT-2
     (``Linear4bit``, [out, in]) merges into its full-precision ``Conv1D`` base ([in, out]). The LoRA factors are
@@ -143,12 +186,14 @@ def load_adapter_model(
 
     adapter_dir = Path(adapter_dir)
     require((adapter_dir / "adapter_config.json").is_file(), f"adapter_dir: no adapter_config.json in {adapter_dir}")
+    check_adapter_binding(adapter_dir, masks, force=force)  # before the base loads: the masks are known
     base, tokenizer = load_base(base_dir, dtype, merge_base, read_json(adapter_dir / QUANTIZATION_FILE))
     require(
         masks is None or masks.violations(base) == 0,
         f"base: {base_dir} has nonzero weights where the masks "
         "prune; is it the pruned model these masks were made for?",
     )
+    check_adapter_binding(adapter_dir, masks, base, force)
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if hasattr(config, "fan_in_fan_out"):
         config.fan_in_fan_out = any(is_transposed(module) for module in prunable_linears(base).values())
@@ -162,7 +207,7 @@ def export_model(model: nn.Module, tokenizer, masks: MaskSet | None, target: str
     """Write the merged model, its tokenizer and its masks (if any) to ``target`` in one atomic step. A sliced
     model's class is registered for the Auto classes, so ``save_pretrained`` also writes its modeling file."""
     target = Path(target)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, size=saved_bytes(model)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if masks is not None:

@@ -40,11 +40,29 @@ from .errors import DlpError, require
 from .evaluate import perplexity
 from .distill import CACHE_DIR, CachedTeacher, OnlineTeacher, build_teacher_cache, cache_complete, cache_key
 from .finetune import check_lora_args, masked_lora_model, train, training_windows
-from .io import TEMP_PREFIX, atomic_write_json, claim_dir, mark_dir, read_json, start_output_dir
+from .io import (
+    NOT_RECIPE,
+    TEMP_PREFIX,
+    RunLock,
+    atomic_write_json,
+    claim_dir,
+    mark_dir,
+    read_json,
+    recipe_changes,
+    start_output_dir,
+)
 from .masks import MaskSet
-from .merge import QUANTIZATION_FILE, export_model, export_quantized, load_adapter_model, merge_masked
+from .merge import (
+    BINDING_FILE,
+    QUANTIZATION_FILE,
+    adapter_binding,
+    export_model,
+    export_quantized,
+    load_adapter_model,
+    merge_masked,
+)
 from .modeling import load_model_and_tokenizer
-from .preflight import ModelPlan, check_teacher
+from .preflight import ModelPlan, check_lora_targets, check_teacher
 from .process import resolve_device, seed_all, setup
 from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout, prepare_4bit_for_training
 from .report import write_finetune_report
@@ -92,20 +110,32 @@ def run_prune_lora(
     setup(sft_args.seed)  # also for a run that reuses a finished stage, which skips the stage's own setup
     distill_args = distill_args or DistillationArguments()
     _check_training_settings(model_args, method, eval_args, ft_args, sft_args)
-    finished = finished_report(out, ft_args.overwrite, announce=state.is_main_process)
+    recipe = _recipe(model_args, method, calib_args, margs, eval_args, ft_args, sft_args, distill_args)
+    finished = _finished_run(out, recipe, ft_args.overwrite, state.is_main_process)
     if finished is not None:
         return FinetuneReport.from_dict(finished)
+    _check_resumable(out, recipe, ft_args.overwrite)  # before anything is written, the lock file included
     plan = _check_pipeline_settings(model_args, method, calib_args, margs, eval_args, ft_args, sft_args)
     if distill_args.enabled and distill_args.teacher != "dense":
         check_teacher(plan, distill_args.teacher)
-    if state.is_main_process:
-        start_output_dir(out, ft_args.overwrite)
-    state.wait_for_everyone()
-    recipe = _recipe(model_args, method, calib_args, margs, eval_args, ft_args, sft_args)
-    if distill_args.enabled:  # recorded only when used: a plain run's recipe.json stays as it was
-        recipe["distillation"] = json.loads(json.dumps(asdict(distill_args)))
-    _claim_output_dir(out, recipe, state)
+    # only the main process writes the run's files, so only it takes the directory's lock
+    with RunLock(out, ft_args.wait_for_lock) as lock:
+        if state.is_main_process:
+            start_output_dir(out, ft_args.overwrite, lock=lock)
+        state.wait_for_everyone()
+        finished = _finished_run(out, recipe, False, announce=False)  # a run this one waited for may have finished
+        if finished is not None:
+            return FinetuneReport.from_dict(finished)
+        _claim_output_dir(out, recipe, state)
+        return _run_stages(model_args, method, calib_args, margs, eval_args, ft_args, sft_args, distill_args, state)
 
+
+def _run_stages(
+    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args, distill_args, state
+) -> FinetuneReport:
+    """Compress, fine-tune, merge, export and evaluate, each stage skipped if an earlier run in this (locked) output
+    directory finished it; return the final report."""
+    out = Path(sft_args.output_dir)
     stage_dir, stage_report = _compress_stage(
         method,
         lambda run_args: method.run(model_args, calib_args, margs, eval_args, run_args),
@@ -231,6 +261,7 @@ def _check_pipeline_settings(
 ) -> ModelPlan:
     """Every check that needs the model's config but not its weights, before any stage runs (see preflight.py)."""
     plan = method.check_settings(model_args, calib_args, margs, eval_args, max_length=sft_args.max_length)
+    check_lora_targets(plan, model_args.lora_target_modules)
     reuse = getattr(ft_args, method.reuse_field or "", None)
     if reuse:
         method.check_reuse(plan, Path(reuse))
@@ -238,18 +269,49 @@ def _check_pipeline_settings(
     return plan
 
 
-def _recipe(model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args) -> dict[str, Any]:
-    """Everything that shapes the run's artifacts (not where they go, nor whether to start over): the calibration
-    and the active method's fields only, so a slicing run never depends on a pruning field it does not read."""
+def _recipe(
+    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args, distill_args
+) -> dict[str, Any]:
+    """Everything that shapes the run's artifacts (not where they go, nor how the run starts): the calibration and
+    the active method's fields only, so a slicing run never depends on a pruning field it does not read; the
+    teacher's fields only when there is one, so a plain run's recipe.json stays as it was."""
     recipe = {
         "model": asdict(model_args),
         "calibration": asdict(calib_args),
         method.name: asdict(margs),
         "eval": asdict(eval_args),
-        "finetune": {k: v for k, v in asdict(ft_args).items() if k != "overwrite"},
+        "finetune": {k: v for k, v in asdict(ft_args).items() if k not in NOT_RECIPE},
         "training": _training_settings(sft_args),
     }
+    if distill_args.enabled:
+        recipe["distillation"] = asdict(distill_args)
     return json.loads(json.dumps(recipe, default=str))
+
+
+def _distillation_change(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    """A teacher the saved run had and this one has not (its fields are recorded only when there is one, and
+    :func:`dlp.io.recipe_changes` compares the keys this recipe records)."""
+    if "distillation" not in saved or "distillation" in recipe:
+        return []
+    return [f"teacher: {saved['distillation'].get('teacher')!r} → 'none'"]
+
+
+def _finished_run(out: Path, recipe: dict[str, Any], overwrite: bool, announce: bool) -> dict[str, Any] | None:
+    """The report of a finished run of the same recipe in ``out`` (None: none, or ``overwrite``); a finished run of
+    another recipe is refused in one line naming the fields that differ."""
+    finished = finished_report(out, overwrite, announce=False)
+    if finished is None:
+        return None
+    saved = read_json(out / "recipe.json") or {}
+    changed = recipe_changes(saved, recipe) + _distillation_change(saved, recipe)
+    require(
+        not changed,
+        f"output_dir {out} holds a finished run of another recipe ({'; '.join(changed[:3])}); rerun with "
+        "--overwrite true to redo it, or choose another output_dir",
+    )
+    if announce:
+        print(f"[dlp] {out} already holds a finished run of this recipe (report.json); use --overwrite to start over")
+    return finished
 
 
 def _training_settings(sft_args) -> dict[str, Any]:
@@ -257,33 +319,30 @@ def _training_settings(sft_args) -> dict[str, Any]:
     return {name: json.loads(json.dumps(getattr(sft_args, name, None), default=str)) for name in TRAINING_FIELDS}
 
 
-def recipe_changes(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """``key: old → new`` for every recipe key whose value differs from the saved recipe's. Keys are compared flat
-    (recipe keys are flat, whatever group records them), and only the keys this recipe records: a recipe.json
-    written before the calibration fields had a group of their own still matches."""
-    flat_saved = {key: value for fields in saved.values() if isinstance(fields, dict) for key, value in fields.items()}
-    return [
-        f"{key}: {flat_saved.get(key)!r} → {value!r}"
-        for fields in recipe.values()
-        for key, value in fields.items()
-        if flat_saved.get(key) != value
-    ]
+def _check_resumable(out: Path, recipe: dict[str, Any], overwrite: bool) -> bool:
+    """Whether ``out`` may be resumed with ``recipe`` (read-only): True if it holds no recipe.json yet, or one of a
+    run that finished no stage (replaced); False if it holds this recipe's. A partial run of another recipe is
+    refused in one line: resuming it would silently reuse its stale stages."""
+    saved = None if overwrite or not out.is_dir() else read_json(out / "recipe.json")
+    if saved is None:
+        return True
+    changed = recipe_changes(saved, recipe) + _distillation_change(saved, recipe)
+    if changed and not _has_progress(out):
+        return True  # an earlier run that stopped before any stage finished: nothing would be reused
+    require(
+        not changed,
+        f"output_dir {out} holds a run of another recipe ({'; '.join(changed[:3])}); "
+        "rerun with --overwrite true or choose another output_dir",
+    )
+    return False
 
 
 def _claim_output_dir(out: Path, recipe: dict[str, Any], state) -> None:
-    """Resuming is only safe with the same recipe: a changed one would silently reuse stale stages."""
-    saved = read_json(out / "recipe.json")
-    changed = recipe_changes(saved, recipe) if saved is not None else []
-    if changed and not _has_progress(out):
-        saved, changed = None, []  # an earlier run that stopped before any stage finished: nothing would be reused
-        if state.is_main_process:
+    """Record ``recipe`` in the locked ``out`` unless it holds a partial run of the same recipe (checked again under
+    the lock: the read-only check before it may have raced with the run it waited for)."""
+    if _check_resumable(out, recipe, overwrite=False) and state.is_main_process:
+        if (out / "recipe.json").is_file():
             print(f"[dlp] {out / 'recipe.json'} is from a run that finished no stage; replacing it")
-    if changed:
-        raise DlpError(
-            f"output_dir {out} holds a run of another recipe ({'; '.join(changed[:3])}); "
-            "rerun with --overwrite true or choose another output_dir"
-        )
-    if saved is None and state.is_main_process:
         atomic_write_json(out / "recipe.json", recipe)
     state.wait_for_everyone()
 
@@ -340,6 +399,7 @@ def _finetune_stage(
         )
         if quantization is not None:
             model = prepare_4bit_for_training(model, bool(sft_args.activation_checkpointing))
+        binding = adapter_binding(model, masks)
         seed_all(sft_args.seed)  # the adapter's initial A: the same whether the stage ran here, was reused or resumed
         peft_model = masked_lora_model(model, masks, model_args, method.lora_targets(model))
     if state.is_main_process:
@@ -360,6 +420,7 @@ def _finetune_stage(
     if state.is_main_process:
         log = {**asdict(result), "load_seconds": timings["load_s"], "save_seconds": timings["save_adapter_s"]}
         atomic_write_json(staging / "training_log.json", log)
+        atomic_write_json(staging / BINDING_FILE, binding)
         if quantization is not None:  # what merge_base dequantized rebuilds the trained-on base from
             atomic_write_json(staging / QUANTIZATION_FILE, quantization.to_dict())
         mark_dir(staging)  # the adapter is dlp's to replace

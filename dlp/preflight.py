@@ -34,6 +34,8 @@ class ModelPlan:
     learned_positions: bool  # a position table (OPT, GPT-2): no token may sit beyond it
     shapes: dict[str, tuple[int, int]]  # every prunable module's logical [out, in] shape
     vocab_size: int = 0  # rows of the output embedding (the next-token distribution's size)
+    adaptable: tuple[str, ...] = ()  # every module peft can put a LoRA adapter on (Linear, Conv1D, Embedding)
+    tied: tuple[str, ...] = ()  # the input and output embeddings' names, when they share one weight
 
 
 def _learned_position_table(model: nn.Module, layers: nn.ModuleList) -> bool:
@@ -77,7 +79,49 @@ def inspect_model(model_id: str, trust_remote_code: bool = False) -> ModelPlan:
         _learned_position_table(model, layers),
         {name: logical_shape(module) for name, module in prunable_linears(model).items()},
         model.get_output_embeddings().weight.shape[0],
+        _adaptable_modules(model),
+        _tied_embeddings(model),
     )
+
+
+def _adaptable_modules(model: nn.Module) -> tuple[str, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (nn.Linear, nn.Embedding, Conv1D)
+    return tuple(name for name, module in model.named_modules() if isinstance(module, kinds))
+
+
+def _tied_embeddings(model: nn.Module) -> tuple[str, ...]:
+    """The names of the input and output embeddings when they are one tensor (``tie_word_embeddings``)."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or inputs.weight is not outputs.weight:
+        return ()
+    names = {id(module): name for name, module in model.named_modules()}
+    return (names[id(inputs)], names[id(outputs)])
+
+
+def check_lora_targets(plan: ModelPlan, targets: list[str] | str | None) -> None:
+    """``lora_target_modules`` against the model, before any stage runs: every name must match a module peft can
+    adapt (peft matches a name or a dotted suffix of one), and neither of two tied embeddings may be adapted: the
+    adapter would train one tensor under two names, and the merge could not give the model it trained."""
+    if not targets or isinstance(targets, str):  # None: the method's default; a string: peft's "all-linear"
+        return
+    for target in targets:
+        matched = [name for name in plan.adaptable if name == target or name.endswith(f".{target}")]
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in plan.adaptable})
+        require(
+            matched,
+            f"lora_target_modules: {target!r} names no Linear or Embedding module of {plan.model_id} "
+            f"({plan.model_type}), which has {', '.join(kinds) or 'none'}",
+        )
+        tied = [name for name in matched if name in plan.tied]
+        if tied:
+            other = next(name for name in plan.tied if name != tied[0])
+            raise DlpError(
+                f"lora_target_modules: {target!r} is {tied[0]}, which {plan.model_type} ties to {other} "
+                "(tie_word_embeddings): an adapter there cannot be merged exactly; remove it, or untie the embeddings "
+                "in the model's config"
+            )
 
 
 def check_lengths(plan: ModelPlan, **lengths: int | None) -> None:

@@ -19,6 +19,13 @@ import torch
 MIB = 2**20
 
 
+def saved_bytes(model: torch.nn.Module) -> int:
+    """About the bytes ``model.save_pretrained`` writes: every parameter and buffer once (tied weights once), a
+    4-bit weight at its packed size. Checked against the free disk space before an export is written."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 @contextmanager
 def timed(timings: dict[str, float], name: str) -> Iterator[None]:
     """Record the wall time of the ``with`` body as ``timings[name + "_s"]`` (added to an earlier part's)."""

@@ -50,6 +50,14 @@ class MergeArguments:
         metadata={"help": "Text whose first windows check merged vs adapter logits; empty to skip the check."},
     )
 
+    force: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge an adapter that records other masks or another base model than the ones given, or masks "
+            "whose metadata was edited by hand (a warning instead of an error)."
+        },
+    )
+
     def __post_init__(self) -> None:
         require_choice("merge_base", self.merge_base, MERGE_BASES)
 
@@ -59,8 +67,10 @@ def main(argv: list[str] | None = None):
     check_writable_dir(args.output_dir)  # before anything is loaded: never a directory of the user's
     masks_path = args.masks or os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "masks.safetensors")
     require(os.path.isfile(masks_path), f"masks: file not found: {masks_path} (pass --masks)")
-    masks = MaskSet.load(masks_path)
-    model, tokenizer = load_adapter_model(args.base_dir, args.adapter_dir, masks, args.dtype, args.merge_base)
+    masks = MaskSet.load(masks_path, force=args.force)
+    model, tokenizer = load_adapter_model(
+        args.base_dir, args.adapter_dir, masks, args.dtype, args.merge_base, args.force
+    )
     probe = load_training_windows(tokenizer, args.probe_data, 128, max_windows=2) if args.probe_data else None
     merged, check = merge_masked(model, masks, probe)
     export_model(merged, tokenizer, masks, args.output_dir)

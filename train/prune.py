@@ -11,7 +11,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import perplexity_change, run_cli  # noqa: E402
-from dlp.config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments, parse_config  # noqa: E402
+from dlp.config import (
+    CalibrationArguments,
+    EvalArguments,
+    PruneArguments,
+    RunArguments,
+    check_no_training_quantization,
+    parse_config,
+)  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.stages.prune import run_prune  # noqa: E402
 from trl import ModelConfig  # noqa: E402  (after dlp, which quiets library noise at import)
@@ -22,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
         [ModelConfig, CalibrationArguments, PruneArguments, EvalArguments, RunArguments], argv
     )
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
+    check_no_training_quantization(model_args, "train/prune.py")
     report = run_prune(model_args, calib_args.seeded(run_args.seed), prune_args, eval_args, run_args).to_dict()
     ppl = report["perplexity"]
     print(

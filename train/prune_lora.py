@@ -15,7 +15,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import run_cli  # noqa: E402
-from dlp.config import CalibrationArguments, DistillationArguments, EvalArguments, FinetuneArguments, parse_config  # noqa: E402
+from dlp.config import (  # noqa: E402
+    CalibrationArguments,
+    DistillationArguments,
+    EvalArguments,
+    FinetuneArguments,
+    RunArguments,
+    parse_config,
+)
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.pipeline import run_prune_lora  # noqa: E402
 from dlp.process import use_cpu_without_accelerator  # noqa: E402
@@ -24,7 +31,9 @@ from trl import ModelConfig, SFTConfig  # noqa: E402  (after dlp, which quiets l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    launch_defaults = use_cpu_without_accelerator()
+    # trl's SFTConfig seeds with 42; dlp's scripts all default to 0, so the prune stage here gives train/prune.py's
+    # masks for the same calibration flags
+    launch_defaults = [*use_cpu_without_accelerator(), ("--seed", str(RunArguments.seed), "")]
     method_types = [method.arguments for method in METHODS.values()]  # every method's fields: recipe keys are flat
     types = [ModelConfig, CalibrationArguments, *method_types, EvalArguments, FinetuneArguments]
     model_args, calib_args, *method_values, eval_args, ft_args, distill_args, sft_args = parse_config(

@@ -14,7 +14,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import perplexity_change, run_cli  # noqa: E402
-from dlp.config import CalibrationArguments, EvalArguments, RunArguments, SliceArguments, parse_config  # noqa: E402
+from dlp.config import (  # noqa: E402
+    CalibrationArguments,
+    EvalArguments,
+    RunArguments,
+    SliceArguments,
+    check_no_training_quantization,
+    parse_config,
+)
 from dlp.modeling import DEMO_MODEL  # noqa: E402
 from dlp.stages.slice import run_slice  # noqa: E402
 from trl import ModelConfig  # noqa: E402  (after dlp, which quiets library noise at import)
@@ -25,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
         [ModelConfig, CalibrationArguments, SliceArguments, EvalArguments, RunArguments], argv
     )
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
+    check_no_training_quantization(model_args, "train/slice.py")
     report = run_slice(model_args, calib_args.seeded(run_args.seed), slice_args, eval_args, run_args).to_dict()
     ppl, slicing = report["perplexity"], report["slicing"]
     print(

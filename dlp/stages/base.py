@@ -17,7 +17,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +28,15 @@ from ..config import CalibrationArguments, EvalArguments, RunArguments
 from ..data import check_source, load_calibration
 from ..errors import require
 from ..evaluate import perplexity
-from ..io import atomic_write_json, check_writable_dir, is_dlp_dir, read_json, start_output_dir
+from ..io import (
+    RunLock,
+    atomic_write_json,
+    check_writable_dir,
+    is_dlp_dir,
+    read_json,
+    recipe_changes,
+    start_output_dir,
+)
 from ..masks import MaskSet
 from ..merge import MERGE_TOLERANCE
 from ..finetune import default_target_modules
@@ -104,26 +113,50 @@ def get_method(name: str) -> CompressionMethod:
     return METHODS[name]
 
 
-def finished_run(run_args: RunArguments, preflight: Callable[[], object] = lambda: None) -> dict[str, Any] | None:
-    """The report of a run already finished in ``output_dir`` (unless ``--overwrite``), or None once ``output_dir``
-    is ready for a new run: ``preflight`` (the checks that need no weights) has passed, and only then is anything
-    written or removed, so a refused run leaves ``output_dir`` as it found it."""
+@contextmanager
+def claimed_run(
+    run_args: RunArguments, config: dict[str, Any], preflight: Callable[[], object] = lambda: None
+) -> Iterator[dict[str, Any] | None]:
+    """Hold ``output_dir`` for one run: yield the report of a run of the same recipe already finished there (unless
+    ``--overwrite``), or None once ``output_dir`` is ready for a new run and locked (:class:`dlp.io.RunLock`) until
+    the block ends.
+
+    ``preflight`` (the checks that need no weights) runs before anything is written or removed, so a refused run
+    leaves ``output_dir`` as it found it. A finished run of another ``config`` is refused with the fields that differ.
+    After the lock is taken the finished check runs again: a run this one waited for may have finished meanwhile."""
     out = Path(run_args.output_dir)
-    finished = finished_report(out, run_args.overwrite)
+    finished = finished_report(out, run_args.overwrite, config)
     if finished is not None:
-        return finished
+        yield finished
+        return
     preflight()
-    start_output_dir(out, run_args.overwrite)
-    return None
+    with RunLock(out, run_args.wait_for_lock) as lock:
+        start_output_dir(out, run_args.overwrite, lock=lock)
+        yield finished_report(out, False, config)  # --overwrite has just removed the report it would find
 
 
-def finished_report(out: Path, overwrite: bool, announce: bool = True) -> dict[str, Any] | None:
+def finished_report(
+    out: Path, overwrite: bool, recipe: dict[str, Any] | None = None, announce: bool = True
+) -> dict[str, Any] | None:
     """The report of a run already finished in the dlp directory ``out`` (None with ``overwrite``); ``out`` must be
-    a place dlp may write to either way (checked without writing)."""
+    a place dlp may write to either way (checked without writing).
+
+    ``recipe``: what this run asks for, compared with the finished run's (``recorded(report)``, the report's
+    ``config`` by default): a finished run answers only the same recipe, otherwise a one-line DlpError names the
+    fields that differ."""
     check_writable_dir(out)
     finished = read_json(out / "report.json") if is_dlp_dir(out) and not overwrite else None
-    if finished is not None and announce:
-        print(f"[dlp] {out} already holds a finished run (report.json); use --overwrite to start over")
+    if finished is None:
+        return None
+    if recipe is not None:
+        changed = recipe_changes(finished.get("config") or {}, recipe)
+        require(
+            not changed,
+            f"output_dir {out} holds a finished run of another recipe ({'; '.join(changed[:3])}); rerun with "
+            "--overwrite true to redo it, or choose another output_dir",
+        )
+    if announce:
+        print(f"[dlp] {out} already holds a finished run of this recipe (report.json); use --overwrite to start over")
     return finished
 
 

@@ -20,7 +20,7 @@ from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArg
 from ..criteria import PruneSpec, get_criterion, parse_pattern
 from ..errors import ResultCheckFailed, require
 from ..evaluate import zero_shot
-from ..io import atomic_dir
+from ..io import NOT_RECIPE, atomic_dir
 from ..masks import MaskSet, model_fingerprint
 from ..modeling import find_decoder_layers, prunable_linears
 from ..preflight import ModelPlan, check_lengths, check_masks_fit, check_pattern_fits, inspect_model
@@ -28,13 +28,13 @@ from ..projections import logical_shape
 from ..pruner import Scoring, layer_param_counts, prune_model
 from ..report import layer_sparsity_from_modules, write_stage_report
 from ..report_schema import PruneReport
-from ..resources import peak_memory, timed
+from ..resources import peak_memory, saved_bytes, timed
 from .base import (
     CompressionMethod,
     StageStart,
     check_run_inputs,
     dense_layer_scores,
-    finished_run,
+    claimed_run,
     prepare_run,
     register,
     reload_matching,
@@ -80,13 +80,26 @@ def run_prune(
     run_args: RunArguments,
 ) -> PruneReport:
     """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+    config = run_config(calib_args, prune_args, run_args)
+    preflight = lambda: check_prune_settings(model_args, calib_args, prune_args, eval_args)  # noqa: E731
+    with claimed_run(run_args, config, preflight) as finished:
+        if finished is not None:
+            return PruneReport.from_dict(finished)
+        return _prune_run(model_args, calib_args, prune_args, eval_args, run_args, config)
+
+
+def _prune_run(
+    model_args,
+    calib_args: CalibrationArguments,
+    prune_args: PruneArguments,
+    eval_args: EvalArguments,
+    run_args: RunArguments,
+    config: dict[str, Any],
+) -> PruneReport:
+    """The prune stage in a locked ``output_dir`` that holds no finished run (see :func:`run_prune`)."""
     out = Path(run_args.output_dir)
-    finished = finished_run(run_args, lambda: check_prune_settings(model_args, calib_args, prune_args, eval_args))
-    if finished is not None:
-        return PruneReport.from_dict(finished)
     inputs = prepare_run(model_args, calib_args, eval_args)
     model, tokenizer, device, calibration = inputs.model, inputs.tokenizer, inputs.device, inputs.calibration
-    config = run_config(calib_args, prune_args, run_args)
     ppl: dict[str, Any] = inputs.dense_perplexity()
     timings = inputs.timings
 
@@ -112,7 +125,7 @@ def run_prune(
         with timed(timings, "save"):
             masks.save(out / "masks.safetensors")
             if run_args.save_model:
-                with atomic_dir(out / "model") as tmp:
+                with atomic_dir(out / "model", size=saved_bytes(model)) as tmp:
                     model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
     assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
@@ -202,7 +215,7 @@ def mask_metadata(
     """What a mask file records of how it was made: the model and its fingerprint, the recipe (not where it was
     written, nor whether to start over: those do not shape the masks, and would make equal masks differ in bytes),
     the per-layer sparsities, the seed and the calibration data's hash."""
-    recipe = {key: value for key, value in config.items() if key not in ("output_dir", "overwrite")}
+    recipe = {key: value for key, value in config.items() if key not in NOT_RECIPE}
     return {
         "model": model_id,
         "fingerprint": model_fingerprint(model),

@@ -38,7 +38,7 @@ from .base import (
     CompressionMethod,
     check_run_inputs,
     dense_layer_scores,
-    finished_run,
+    claimed_run,
     prepare_run,
     register,
     reload_matching,
@@ -62,14 +62,27 @@ def run_slice(
     run_args: RunArguments,
 ) -> SliceReport:
     """Slice ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
+    config = run_config(calib_args, slice_args, run_args)
+    preflight = lambda: check_slice_settings(model_args, calib_args, eval_args)  # noqa: E731
+    with claimed_run(run_args, config, preflight) as finished:
+        if finished is not None:
+            return SliceReport.from_dict(finished)
+        return _slice_run(model_args, calib_args, slice_args, eval_args, run_args, config)
+
+
+def _slice_run(
+    model_args,
+    calib_args: CalibrationArguments,
+    slice_args: SliceArguments,
+    eval_args: EvalArguments,
+    run_args: RunArguments,
+    config: dict[str, Any],
+) -> SliceReport:
+    """The slice stage in a locked ``output_dir`` that holds no finished run (see :func:`run_slice`)."""
     out = Path(run_args.output_dir)
-    finished = finished_run(run_args, lambda: check_slice_settings(model_args, calib_args, eval_args))
-    if finished is not None:
-        return SliceReport.from_dict(finished)
     inputs = prepare_run(model_args, calib_args, eval_args)
     model, tokenizer, device, calibration = inputs.model, inputs.tokenizer, inputs.device, inputs.calibration
     check_sliceable(model)
-    config = run_config(calib_args, slice_args, run_args)
     ppl: dict[str, Any] = inputs.dense_perplexity()
     timings = inputs.timings
 
