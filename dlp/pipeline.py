@@ -298,20 +298,13 @@ def _distillation_change(saved: dict[str, Any], recipe: dict[str, Any]) -> list[
 
 def _finished_run(out: Path, recipe: dict[str, Any], overwrite: bool, announce: bool) -> dict[str, Any] | None:
     """The report of a finished run of the same recipe in ``out`` (None: none, or ``overwrite``); a finished run of
-    another recipe is refused in one line naming the fields that differ."""
-    finished = finished_report(out, overwrite, announce=False)
-    if finished is None:
-        return None
-    saved = read_json(out / "recipe.json") or {}
-    changed = recipe_changes(saved, recipe) + _distillation_change(saved, recipe)
-    require(
-        not changed,
-        f"output_dir {out} holds a finished run of another recipe ({'; '.join(changed[:3])}); rerun with "
-        "--overwrite true to redo it, or choose another output_dir",
-    )
-    if announce:
-        print(f"[dlp] {out} already holds a finished run of this recipe (report.json); use --overwrite to start over")
-    return finished
+    another recipe (its ``recipe.json``) is refused in one line naming the fields that differ."""
+
+    def changes(_report: dict[str, Any]) -> list[str]:
+        saved = read_json(out / "recipe.json") or {}
+        return recipe_changes(saved, recipe) + _distillation_change(saved, recipe)
+
+    return finished_report(out, overwrite, changes, announce)
 
 
 def _training_settings(sft_args) -> dict[str, Any]:

@@ -125,39 +125,55 @@ def claimed_run(
     leaves ``output_dir`` as it found it. A finished run of another ``config`` is refused with the fields that differ.
     After the lock is taken the finished check runs again: a run this one waited for may have finished meanwhile."""
     out = Path(run_args.output_dir)
-    finished = finished_report(out, run_args.overwrite, config)
+    finished = finished_report(out, run_args.overwrite, config_changes(config))
     if finished is not None:
         yield finished
         return
     preflight()
     with RunLock(out, run_args.wait_for_lock) as lock:
         start_output_dir(out, run_args.overwrite, lock=lock)
-        yield finished_report(out, False, config)  # --overwrite has just removed the report it would find
+        yield finished_report(out, False, config_changes(config))  # --overwrite has just removed the report
+
+
+def run_stage(
+    run_args: RunArguments,
+    config: dict[str, Any],
+    preflight: Callable[[], object],
+    report_type: type[StageReport],
+    stage: Callable[[], StageReport],
+) -> StageReport:
+    """A compression stage's entry: the finished run's report if ``output_dir`` holds one of this ``config``, else
+    ``stage()`` run in the claimed and locked ``output_dir`` (:func:`claimed_run`)."""
+    with claimed_run(run_args, config, preflight) as finished:
+        return report_type.from_dict(finished) if finished is not None else stage()
 
 
 def finished_report(
-    out: Path, overwrite: bool, recipe: dict[str, Any] | None = None, announce: bool = True
+    out: Path, overwrite: bool, changes: Callable[[dict[str, Any]], list[str]] | None = None, announce: bool = True
 ) -> dict[str, Any] | None:
     """The report of a run already finished in the dlp directory ``out`` (None with ``overwrite``); ``out`` must be
     a place dlp may write to either way (checked without writing).
 
-    ``recipe``: what this run asks for, compared with the finished run's (``recorded(report)``, the report's
-    ``config`` by default): a finished run answers only the same recipe, otherwise a one-line DlpError names the
-    fields that differ."""
+    ``changes(report)``: how this run's recipe differs from the finished run's (``key: old → new`` lines). A finished
+    run answers only the same recipe: any change is refused in one line naming the fields."""
     check_writable_dir(out)
     finished = read_json(out / "report.json") if is_dlp_dir(out) and not overwrite else None
     if finished is None:
         return None
-    if recipe is not None:
-        changed = recipe_changes(finished.get("config") or {}, recipe)
-        require(
-            not changed,
-            f"output_dir {out} holds a finished run of another recipe ({'; '.join(changed[:3])}); rerun with "
-            "--overwrite true to redo it, or choose another output_dir",
-        )
+    changed = changes(finished) if changes is not None else []
+    require(
+        not changed,
+        f"output_dir {out} holds a finished run of another recipe ({'; '.join(changed[:3])}); rerun with "
+        "--overwrite true to redo it, or choose another output_dir",
+    )
     if announce:
         print(f"[dlp] {out} already holds a finished run of this recipe (report.json); use --overwrite to start over")
     return finished
+
+
+def config_changes(config: dict[str, Any]) -> Callable[[dict[str, Any]], list[str]]:
+    """:func:`finished_report`'s comparison for a stage, whose report records its flat recipe as ``config``."""
+    return lambda report: recipe_changes(report.get("config") or {}, config)
 
 
 def check_run_inputs(calib_args: CalibrationArguments, eval_args: EvalArguments) -> None:

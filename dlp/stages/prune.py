@@ -34,11 +34,11 @@ from .base import (
     StageStart,
     check_run_inputs,
     dense_layer_scores,
-    claimed_run,
     prepare_run,
     register,
     reload_matching,
     run_config,
+    run_stage,
 )
 
 SPARSITY_TOLERANCE = 0.001  # overall sparsity may miss its target by at most 0.1 point (rounding to whole weights)
@@ -82,10 +82,13 @@ def run_prune(
     """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
     config = run_config(calib_args, prune_args, run_args)
     preflight = lambda: check_prune_settings(model_args, calib_args, prune_args, eval_args)  # noqa: E731
-    with claimed_run(run_args, config, preflight) as finished:
-        if finished is not None:
-            return PruneReport.from_dict(finished)
-        return _prune_run(model_args, calib_args, prune_args, eval_args, run_args, config)
+    return run_stage(
+        run_args,
+        config,
+        preflight,
+        PruneReport,
+        lambda: _prune_run(model_args, calib_args, prune_args, eval_args, run_args, config),
+    )
 
 
 def _prune_run(

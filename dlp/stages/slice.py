@@ -38,11 +38,11 @@ from .base import (
     CompressionMethod,
     check_run_inputs,
     dense_layer_scores,
-    claimed_run,
     prepare_run,
     register,
     reload_matching,
     run_config,
+    run_stage,
 )
 
 SLICING_FILE = "slicing.json"
@@ -64,10 +64,13 @@ def run_slice(
     """Slice ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
     config = run_config(calib_args, slice_args, run_args)
     preflight = lambda: check_slice_settings(model_args, calib_args, eval_args)  # noqa: E731
-    with claimed_run(run_args, config, preflight) as finished:
-        if finished is not None:
-            return SliceReport.from_dict(finished)
-        return _slice_run(model_args, calib_args, slice_args, eval_args, run_args, config)
+    return run_stage(
+        run_args,
+        config,
+        preflight,
+        SliceReport,
+        lambda: _slice_run(model_args, calib_args, slice_args, eval_args, run_args, config),
+    )
 
 
 def _slice_run(
