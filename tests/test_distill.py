@@ -213,6 +213,8 @@ def test_two_processes_distil_to_the_one_process_model(config, mode, tiny_model_
     assert reports[0]["training"]["tokens_seen"] == reports[1]["training"]["tokens_seen"] == 6 * 2 * 64
     assert reports[1]["distillation"]["mode"] == mode and reports[1]["export"]["reloaded_violations"] == 0
     ours, theirs = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("two", "one"))
+    # close, not equal: float32, no dropout, 6 steps of 2 × 64 tokens, so only float32 summation orders differ (the
+    # gradient's, the teacher's batch of 1 vs 2); tests/test_distributed.py says why and how far apart that leaves them
     for key in theirs:
         scale = float(theirs[key].abs().max()) or 1.0
         assert float((ours[key] - theirs[key]).abs().max()) <= 1e-4 * scale, key
