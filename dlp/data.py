@@ -20,7 +20,7 @@ Only as much of a source is read and tokenized as the windows need, so memory an
   ``CHARS_PER_TOKEN`` = 8 characters per needed token, cut after its last line break, and double it until it
   tokenizes to ``TOKEN_MARGIN`` = 64 more tokens than needed; the tokens next to the cut, which a tokenizer may
   merge differently, are never used, so the windows are exactly those of the whole text;
-* calibration windows are drawn from the first ``calibration_char_cap(nsamples, seqlen)`` = max(4 MiB,
+* calibration windows are drawn from the first ``calibration_char_cap(nsamples, seqlen)`` = max(2 MiB,
   32 × nsamples × seqlen) characters of the text, cut after their last line break. A text no longer than that, such
   as ``builtin:wikitext2-valid`` (1.1 M characters), is read whole and gives the windows it always gave; a longer
   one is calibrated on its first part only.
@@ -55,13 +55,14 @@ _TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
 
 CHARS_PER_TOKEN = 8  # first guess of the characters a needed token takes (real text: about 4)
 TOKEN_MARGIN = 64  # tokens read past those needed, never used: the cut may tokenize differently next to it
-CALIBRATION_MIN_CHARS = 4 << 20  # 4 MiB: builtin:wikitext2-valid (1.1 M characters) stays whole
+CALIBRATION_MIN_CHARS = 2 << 20  # 2 MiB: builtin:wikitext2-valid (1.1 M characters) stays whole; a character-level
+# tokenizer's ids for it still fit in about 1 GB
 CALIBRATION_CHARS_PER_TOKEN = 32  # about 8× the tokens the windows cover, so random windows rarely overlap
 _CHUNK_BYTES = 1 << 20
 
 
 def calibration_char_cap(nsamples: int, seqlen: int) -> int:
-    """How many characters of a source the calibration windows are drawn from: max(4 MiB, 32 × nsamples × seqlen)."""
+    """How many characters of a source the calibration windows are drawn from: max(2 MiB, 32 × nsamples × seqlen)."""
     return max(CALIBRATION_MIN_CHARS, CALIBRATION_CHARS_PER_TOKEN * nsamples * seqlen)
 
 
