@@ -20,6 +20,7 @@ demo: install
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_imports.py  # no import cycle in dlp/
 
 test: install lint
 	$(PYTHON) -m pytest -q

@@ -23,7 +23,7 @@ from dlp.io import atomic_write_json, read_json  # noqa: E402
 from dlp.criteria import PruneSpec, parse_pattern  # noqa: E402
 from dlp.pruner import layer_param_counts, prune_model, score_layers  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer  # noqa: E402
-from dlp.allocate import compute_sparsities  # noqa: E402
+from dlp.allocators import compute_sparsities  # noqa: E402
 from dlp.process import setup  # noqa: E402
 
 METHODS = {  # name -> PruneArguments overrides

@@ -83,9 +83,9 @@ def curve(run_dir: Path, report: dict, points: int) -> list[dict]:
 
 
 def plot(path: Path, rows: list[dict], dlp_ppl: float, sparsity: float) -> None:
-    from dlp.report import _pyplot, finish_line_plot
+    from dlp.report import finish_line_plot, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     ax.plot([r["search_s"] for r in rows], [r["ppl"] for r in rows], marker="o", color="#4C72B0", label="search")
     ax.axhline(dlp_ppl, color="#C44E52", linestyle="--", label=f"DLP {dlp_ppl:.1f}")

@@ -15,9 +15,12 @@ to the target and clips to [0, max_sparsity], warning when it had to clip.
 * ``search`` (:mod:`dlp.search`, after EvoPress): measures instead of scoring; an evolutionary search over the
   layer sparsities whose fitness is the KL divergence to the dense model on calibration windows.
 
-Adding an allocator is one entry in :data:`ALLOCATORS` (its name, whether it needs the dense scoring sweep, and
-the function from an :class:`AllocationRequest` to raw sparsities) plus the recipe fields of its own
-parameters, if it has any: the recipe's ``allocation`` choices and the stages look everything else up there.
+This module holds the types every allocator shares and the one-pass formulas; :mod:`dlp.allocators` (above this
+module and :mod:`dlp.search`) is the complete registry and :func:`~dlp.allocators.compute_sparsities`. Adding an
+allocator is one :func:`register_allocator` call where it is defined (its name, whether it needs the dense scoring
+sweep, and the function from an :class:`AllocationRequest` to raw sparsities), the import of its module in
+:mod:`dlp.allocators`, and the recipe fields of its own parameters, if it has any: the recipe's ``allocation``
+choices and the stages look everything else up in the registry.
 """
 
 from __future__ import annotations
@@ -245,53 +248,27 @@ def _dlp(request: AllocationRequest) -> list[float]:
     return dlp_sparsities(statistic, settings.sparsity, settings.dlp_alpha)
 
 
-def _search(request: AllocationRequest) -> list[float]:
-    from .search import search_allocation  # the search builds on the allocators above (and imports this module)
-
-    return search_allocation(request)
+ALLOCATORS: dict[str, Allocator] = {}  # complete once dlp.allocators is imported (it imports every allocator's module)
 
 
-def _describe_search(out: Path) -> dict[str, Any] | None:
-    from .search import describe
+def register_allocator(allocator: Allocator) -> Allocator:
+    """Make ``allocator`` a value of the recipe's ``allocation`` (called where the allocator is defined)."""
+    ALLOCATORS[allocator.name] = allocator
+    return allocator
 
-    return describe(out)
 
-
-ALLOCATORS: dict[str, Allocator] = {
-    allocator.name: allocator
-    for allocator in (
-        Allocator("uniform", lambda r: [r.settings.sparsity] * r.num_layers, needs_scores=False),
-        Allocator(
-            "owl",
-            lambda r: owl_sparsities([s.outlier_ratio for s in r.scores], r.settings.sparsity, r.settings.owl_lambda),
-        ),
-        Allocator("dlp", _dlp),
-        Allocator(
-            "lr",
-            lambda r: lr_sparsities([s.redundancy for s in r.scores], r.settings.sparsity, r.settings.lr_spread),
-        ),
-        Allocator("explicit", _explicit, needs_scores=False, rebalance=False),
-        Allocator("search", _search, rebalance=False, needs_stats=True, describe=_describe_search),
-    )
-}
+for _allocator in (
+    Allocator("uniform", lambda r: [r.settings.sparsity] * r.num_layers, needs_scores=False),
+    Allocator(
+        "owl",
+        lambda r: owl_sparsities([s.outlier_ratio for s in r.scores], r.settings.sparsity, r.settings.owl_lambda),
+    ),
+    Allocator("dlp", _dlp),
+    Allocator(
+        "lr",
+        lambda r: lr_sparsities([s.redundancy for s in r.scores], r.settings.sparsity, r.settings.lr_spread),
+    ),
+    Allocator("explicit", _explicit, needs_scores=False, rebalance=False),
+):
+    register_allocator(_allocator)
 ONE_PASS_ALLOCATIONS = ("uniform", "owl", "dlp", "lr")  # one statistic per layer, no measuring of candidates
-ALLOCATIONS = tuple(ALLOCATORS)
-
-
-def compute_sparsities(
-    settings, scores: Sequence[LayerScores] | None, params: Sequence[int], request: AllocationRequest | None = None
-) -> list[float]:
-    """Per-layer sparsities for ``settings.allocation``, balanced to ``settings.sparsity`` and clipped (an explicit
-    list or a search result is taken as given). ``request``: everything else an allocator may read (the search
-    needs the model and its calibration windows); by default just the settings, scores and sizes."""
-    allocator = ALLOCATORS[settings.allocation]
-    require(scores is not None or not allocator.needs_scores, f"allocation {allocator.name} needs the layer scores")
-    request = request or AllocationRequest(settings, scores, params)
-    require(
-        not allocator.needs_stats or (request.model is not None and request.stats is not None),
-        f"allocation {allocator.name} needs the dense model and the sweep's statistics",
-    )
-    raw = allocator.raw(request)
-    if not allocator.rebalance:
-        return raw
-    return balance(raw, params, settings.sparsity, settings.max_layer_sparsity)

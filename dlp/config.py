@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .allocate import ALLOCATIONS, ALLOCATORS, DLP_STATISTICS, LR_MAPPINGS, SLICING_ALLOCATIONS, parse_layer_sparsities
+from .allocate import DLP_STATISTICS, LR_MAPPINGS, SLICING_ALLOCATIONS, parse_layer_sparsities
+from .allocators import ALLOCATIONS, ALLOCATORS
 from .criteria import CRITERIA, parse_pattern
 from .errors import DlpError, require
 from .placement import check_memory_setting

@@ -31,7 +31,7 @@ def layer_sparsity_from_modules(
     return [r / t if t else 0.0 for r, t in zip(removed, total)]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,10 +40,10 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -55,13 +55,13 @@ def finish_line_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_layer_sparsity(
     path: Path, measured: list[float], target: float, title: str, ylabel: str = "sparsity (%)"
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(measured) + 2), 3.6))
     ax.bar(range(len(measured)), [100 * s for s in measured], color="#4C72B0", label="measured")
     ax.axhline(100 * target, color="#C44E52", linestyle="--", linewidth=1.2, label=f"target {100 * target:.1f}%")
@@ -71,14 +71,14 @@ def plot_layer_sparsity(
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_loss(
     path: Path, steps: list[int], losses: list[float], title: str, parts: dict[str, list[float]] | None = None
 ) -> Path:
     """The training loss over the steps; ``parts`` (e.g. a distillation loss's LM and KL terms) drawn beside it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     marker = "." if len(steps) < 40 else None
     ax.plot(steps, losses, color="#4C72B0", marker=marker, linewidth=1.2, label="loss")
@@ -91,7 +91,7 @@ def plot_loss(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def _fmt_ppl(entry: dict | None) -> str:

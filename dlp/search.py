@@ -57,7 +57,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import ALLOCATORS, ONE_PASS_ALLOCATIONS, AllocationRequest, balance
+from .allocate import (
+    ALLOCATORS,
+    ONE_PASS_ALLOCATIONS,
+    AllocationRequest,
+    Allocator,
+    balance,
+    register_allocator,
+)
 from .criteria import get_criterion, row_drop_counts
 from .distill import Targets, support_kl
 from .errors import require
@@ -603,9 +610,9 @@ def _publish(directory: Path, grid: LevelGrid, state: SearchState, request: Allo
 
 def _plot(directory: Path, grid: LevelGrid, state: SearchState, request: AllocationRequest) -> None:
     """``fitness.png`` (the KL over the search) and ``sparsities.png`` (searched beside the start's and DLP's)."""
-    from .report import _pyplot, finish_line_plot
+    from .report import finish_line_plot, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     times = [h["elapsed_s"] for h in state.history]
     values = [h["fitness"] for h in state.history]
@@ -628,9 +635,9 @@ def _moving_mean(values: list[float], window: int) -> list[float]:
 
 
 def _plot_sparsities(directory: Path, grid: LevelGrid, state: SearchState, request: AllocationRequest) -> None:
-    from .report import _pyplot, _save_png
+    from .report import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * grid.num_layers + 2), 3.6))
     layers = range(grid.num_layers)
     ax.bar(layers, [100 * s for s in grid.sparsities(state.final["levels"])], color="#4C72B0", label="searched")
@@ -650,10 +657,13 @@ def _plot_sparsities(directory: Path, grid: LevelGrid, state: SearchState, reque
     ax.set_title("per-layer sparsity")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_png(fig, directory / "sparsities.png")
+    save_png(fig, directory / "sparsities.png")
 
 
 def describe(out: Path) -> dict[str, Any] | None:
     """What the report records of a finished search in ``out`` (None: no search ran there)."""
     data = read_json(Path(out) / SEARCH_DIR / "allocation.json")
     return {k: v for k, v in data.items() if k != "sparsities"} if isinstance(data, dict) else None
+
+
+register_allocator(Allocator("search", search_allocation, rebalance=False, needs_stats=True, describe=describe))

@@ -12,7 +12,7 @@ from dlp.criteria import PruneSpec
 from dlp.pruner import layer_param_counts, prune_model, score_layers
 from dlp.masks import MaskSet
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer
-from dlp.allocate import compute_sparsities
+from dlp.allocators import compute_sparsities
 from dlp.config import PruneArguments
 
 pytestmark = [pytest.mark.real_model, requires_demo_model]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_model
-from dlp.allocate import ALLOCATORS, Allocator, LayerScores, compute_sparsities
+from dlp.allocate import Allocator, LayerScores
+from dlp.allocators import ALLOCATORS, compute_sparsities
 from dlp.config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments, SliceArguments, parse_config
 from dlp.criteria import CRITERIA, Criterion, PruneSpec, keep_mask
 from dlp.errors import DlpError

@@ -15,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..allocate import ALLOCATORS, AllocationRequest, compute_sparsities, explicit_sparsities, weighted_mean
+from ..allocate import AllocationRequest, explicit_sparsities, weighted_mean
+from ..allocators import ALLOCATORS, compute_sparsities
 from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments
 from ..criteria import PruneSpec, get_criterion, parse_pattern
 from ..errors import ResultCheckFailed, require
