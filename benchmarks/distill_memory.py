@@ -65,7 +65,7 @@ def worker(variant: str, args) -> dict:
     from trl import ModelConfig
 
     from dlp.distill import distillation_loss
-    from dlp.finetune import masked_lora_model
+    from dlp.lora import masked_lora_model
     from dlp.masks import MaskSet
     from dlp.modeling import load_model_and_tokenizer
 

@@ -21,7 +21,8 @@ from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import eval_stream, perplexity  # noqa: E402
 from dlp.io import atomic_write_json, read_json  # noqa: E402
 from dlp.criteria import PruneSpec, parse_pattern  # noqa: E402
-from dlp.pruner import layer_param_counts, prune_model, score_layers  # noqa: E402
+from dlp.pruner import layer_param_counts, prune_model  # noqa: E402
+from dlp.scoring import score_layers  # noqa: E402
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer  # noqa: E402
 from dlp.allocators import compute_sparsities  # noqa: E402
 from dlp.process import setup  # noqa: E402

@@ -43,7 +43,8 @@ from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import perplexity  # noqa: E402
 from dlp.io import atomic_write_json  # noqa: E402
 from dlp.criteria import PruneSpec, prune_linear  # noqa: E402
-from dlp.pruner import _layer_score, layer_param_counts, prune_model, score_layers, token_cosines  # noqa: E402
+from dlp.pruner import layer_param_counts, prune_model  # noqa: E402
+from dlp.scoring import _layer_score, score_layers, token_cosines  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.modeling import DEMO_MODEL, find_decoder_layers, find_linears, load_model_and_tokenizer  # noqa: E402
 from dlp.process import setup  # noqa: E402

@@ -98,7 +98,7 @@ def worker(variant: str, args) -> dict:
     from trl import ModelConfig
 
     from dlp.data import load_training_windows
-    from dlp.finetune import masked_lora_model
+    from dlp.lora import masked_lora_model
     from dlp.masks import MaskSet
     from dlp.modeling import load_model_and_tokenizer
     from dlp.quantize import bnb_config, enable_activation_checkpointing, prepare_4bit_for_training

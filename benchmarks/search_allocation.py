@@ -29,7 +29,8 @@ from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import perplexity  # noqa: E402
 from dlp.io import atomic_write_json  # noqa: E402
 from dlp.modeling import load_model_and_tokenizer  # noqa: E402
-from dlp.pruner import layer_param_counts, score_layers  # noqa: E402
+from dlp.pruner import layer_param_counts  # noqa: E402
+from dlp.scoring import score_layers  # noqa: E402
 from dlp.search import Assembler, LevelDatabase, LevelGrid, SearchPlan  # noqa: E402
 from dlp.config import PruneArguments  # noqa: E402
 

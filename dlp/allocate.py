@@ -34,20 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import DlpError, require
+from .scoring import LayerScores
 
 SLICING_ALLOCATIONS = ("uniform", "lr")  # per-layer slicing fractions (dlp/slicing.py)
 DLP_STATISTICS = ("median", "mean")
-
-
-@dataclass(frozen=True)
-class LayerScores:
-    """What the dense calibration sweep measures of one decoder layer (enough for every allocator)."""
-
-    wanda_median: float
-    wanda_mean: float
-    outlier_ratio: float  # share of Wanda scores above owl_m × their mean
-    redundancy: float  # mean over tokens of cos(h_in, h_out)
-    params: int  # prunable weights in the layer
 
 
 def minmax_spread(values: torch.Tensor, spread: float) -> torch.Tensor:

@@ -4,9 +4,10 @@ registry that names them.
 Masks are boolean with ``True`` = keep, so a pruned weight is ``W * mask`` and a merged LoRA weight is
 ``(W + s·B·A) * mask``. Ties are broken by column index (stable sorts), so a seed gives bit-identical masks.
 
-Adding a criterion is one entry in :data:`CRITERIA` (its name, what it needs from calibration, and the function
-that prunes one weight): the recipe's ``criterion`` choices, the sweep's statistics and the prune modes it may run
-in are all looked up there.
+Adding a criterion is one :func:`register_criterion` call where it is defined (its name, what it needs from
+calibration, and the function that prunes one weight), as allocators (:func:`dlp.allocate.register_allocator`) and
+compression methods (:func:`dlp.stages.method.register`) register: the recipe's ``criterion`` choices, the sweep's
+statistics and the prune modes it may run in are all looked up in :data:`CRITERIA`.
 """
 
 from __future__ import annotations
@@ -230,14 +231,18 @@ def _by_scores(name: str, scores: ScoreFn, needs_data: bool = True) -> Criterion
     return Criterion(name, _prune_by_scores(scores), needs_data=needs_data, scores=scores)
 
 
-CRITERIA: dict[str, Criterion] = {
-    criterion.name: criterion
-    for criterion in (
-        _by_scores("magnitude", lambda weight, _stats: magnitude_scores(weight), needs_data=False),
-        _by_scores("wanda", lambda weight, stats: wanda_scores(weight, stats.sq_mean)),
-        Criterion("sparsegpt", _prune_sparsegpt, needs_hessian=True),
-    )
-}
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(criterion: Criterion) -> Criterion:
+    """Make ``criterion`` a value of the recipe's ``criterion`` (called where the criterion is defined)."""
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+register_criterion(_by_scores("magnitude", lambda weight, _stats: magnitude_scores(weight), needs_data=False))
+register_criterion(_by_scores("wanda", lambda weight, stats: wanda_scores(weight, stats.sq_mean)))
+register_criterion(Criterion("sparsegpt", _prune_sparsegpt, needs_hessian=True))
 
 
 def get_criterion(name: str) -> Criterion:

@@ -1,4 +1,5 @@
-"""The fine-tuning stage: mask-exact LoRA on a pruned model, trained with trl's ``SFTTrainer``.
+"""The fine-tuning stage: a LoRA-wrapped compressed model (:mod:`dlp.lora` assembles it) trained with trl's
+``SFTTrainer``.
 
 The data is plain language-modelling text cut into consecutive windows of ``max_length`` tokens (so every token
 is seen once per epoch and no padding is needed). Checkpoints go to ``<output_dir>/finetune/checkpoint-N``; a
@@ -18,65 +19,8 @@ from torch import nn
 
 from .config import FinetuneArguments
 from .data import load_training_windows
-from .errors import DlpError, require
-from .lora import attach_masks
-from .masks import MaskSet
-from .modeling import prunable_linears
-from .projections import is_transposed
+from .errors import DlpError
 from .trainer import recovery_trainer
-
-
-def default_target_modules(model: nn.Module) -> list[str]:
-    """Every kind of prunable projection of a decoder block (for Llama: the seven q/k/v/o/gate/up/down projections;
-    for GPT-2 the Conv1D c_attn/c_proj/c_fc). A compression method may narrow this (its ``lora_targets``)."""
-    return sorted({name.rsplit(".", 1)[-1] for name in prunable_linears(model)})
-
-
-def check_lora_args(model_args) -> None:
-    """Reject LoRA settings mask-exact training cannot honour (checked before any stage runs)."""
-    require(not model_args.use_dora, "use_dora must be false: DoRA's magnitude vector is not part of mask-exact LoRA")
-    require(model_args.lora_r >= 1, f"lora_r must be >= 1 (got {model_args.lora_r})")
-    require(0.0 <= model_args.lora_dropout < 1.0, f"lora_dropout must be in [0, 1) (got {model_args.lora_dropout})")
-
-
-def lora_config(model_args, model: nn.Module, default_targets: list[str] | None = None):
-    """peft ``LoraConfig`` from trl's ``ModelConfig`` fields (``lora_r``, ``lora_alpha``, ...); the targets are
-    ``lora_target_modules`` if the recipe sets them, else ``default_targets`` (else every prunable projection).
-
-    ``fan_in_fan_out`` is set when the prunable projections are Conv1D (GPT-2), which store their weight
-    transposed: peft would set it per layer anyway, with a warning for every layer."""
-    from peft import LoraConfig
-
-    check_lora_args(model_args)
-    targets = model_args.lora_target_modules or default_targets or default_target_modules(model)
-    transposed = any(is_transposed(module) for module in prunable_linears(model).values())
-    return LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=targets,
-        modules_to_save=model_args.lora_modules_to_save,
-        use_rslora=model_args.use_rslora,
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=transposed,
-    )
-
-
-def masked_lora_model(
-    model: nn.Module, masks: MaskSet | None, model_args, default_targets: list[str] | None = None
-) -> nn.Module:
-    """Wrap a compressed model with peft LoRA; with ``masks`` (a pruned model) every adapter on a pruned Linear
-    is made mask-exact; without (a sliced model, say) the adapters are peft's own."""
-    from peft import get_peft_model
-
-    require(
-        masks is None or masks.violations(model) == 0,
-        "finetune: the base model has nonzero weights where the masks prune",
-    )
-    peft_model = get_peft_model(model, lora_config(model_args, model, default_targets))
-    if masks is not None:
-        attach_masks(peft_model, masks)
-    return peft_model
 
 
 def training_windows(tokenizer, ft_args: FinetuneArguments, seqlen: int):

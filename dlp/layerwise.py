@@ -8,7 +8,8 @@ statistics on its result instead of filling a dict the caller passed in.
 import warnings
 
 from .criteria import PruneSpec, prune_linear  # noqa: F401
-from .pruner import MODES, Scoring, layer_param_counts, prune_model, score_layers  # noqa: F401
+from .pruner import MODES, layer_param_counts, prune_model  # noqa: F401
+from .scoring import Scoring, score_layers  # noqa: F401
 
 warnings.warn(
     "dlp.layerwise is deprecated: import from dlp.pruner (and PruneSpec from dlp.criteria)",

@@ -1,10 +1,9 @@
-"""Merge a mask-exact LoRA adapter into its pruned base and export a plain Hugging Face model.
+"""Merge a mask-exact LoRA adapter into its pruned base (the export that follows: :mod:`dlp.export`).
 
 The merge is peft's own ``merge_and_unload`` on layers made mask-exact by :func:`dlp.lora.attach_masks`, so
 ``W' = W + s·(B·A) ⊙ M``: the exact weight the adapter model computed with. Two checks guard the result: every
 masked weight must be exactly zero, and (optionally) the merged model's logits must match the adapter model's
-on probe windows. The exported directory holds safetensors, config, tokenizer and the masks; it loads with
-``AutoModelForCausalLM.from_pretrained`` and needs no dlp import.
+on probe windows.
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ import torch
 from torch import nn
 
 from .errors import DlpError, require
-from .io import atomic_dir, read_json
+from .io import read_json
 from .lora import attach_masks
 from .masks import MaskSet, model_fingerprint
 from .modeling import load_model_and_tokenizer, prunable_linears
 from .projections import is_transposed
-from .resources import saved_bytes
 
 MERGE_TOLERANCE = 1e-4  # fp32 max |logit difference|; the merge is exact by construction, so this is a guard
 
@@ -201,25 +199,3 @@ def load_adapter_model(
     if masks is not None:
         attach_masks(model, masks)
     return model, tokenizer
-
-
-def export_model(model: nn.Module, tokenizer, masks: MaskSet | None, target: str | Path) -> Path:
-    """Write the merged model, its tokenizer and its masks (if any) to ``target`` in one atomic step. A sliced
-    model's class is registered for the Auto classes, so ``save_pretrained`` also writes its modeling file."""
-    target = Path(target)
-    with atomic_dir(target, size=saved_bytes(model)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if masks is not None:
-            masks.save(Path(tmp) / "masks.safetensors")
-    return target
-
-
-def export_quantized(model_dir: str | Path, target: str | Path, masks: MaskSet, quantization) -> int:
-    """Re-quantize an exported merged model to 4-bit into ``target`` (atomically); returns the pruned weights
-    that are not zero after dequantizing it again (0: the 4-bit codes keep every pruned weight at exactly 0)."""
-    model, tokenizer = load_model_and_tokenizer(str(model_dir), "float32", "sdpa", quantization_config=quantization)
-    violations = masks.violations(model)
-    require(violations == 0, f"export_4bit: {violations} pruned weights are not zero after 4-bit quantization")
-    export_model(model, tokenizer, masks, target)
-    return violations

@@ -38,8 +38,8 @@ from .data import check_source, load_training_windows
 from .distributed import check_same_masks, describe_zero3_shards, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
 from .evaluate import perplexity
-from .distill import CACHE_DIR, CachedTeacher, OnlineTeacher, build_teacher_cache, cache_complete, cache_key
-from .finetune import check_lora_args, masked_lora_model, train, training_windows
+from .finetune import train
+from .lora import check_lora_args, masked_lora_model
 from .io import (
     NOT_RECIPE,
     TEMP_PREFIX,
@@ -56,17 +56,17 @@ from .merge import (
     BINDING_FILE,
     QUANTIZATION_FILE,
     adapter_binding,
-    export_model,
-    export_quantized,
     load_adapter_model,
     merge_masked,
 )
+from .export import export_model, export_quantized
 from .modeling import load_model_and_tokenizer
 from .preflight import ModelPlan, check_lora_targets, check_teacher
 from .process import resolve_device, seed_all, setup
 from .quantize import bnb_config, check_quantization_args, keep_canonical_4bit_layout, prepare_4bit_for_training
 from .report import write_finetune_report
 from .report_schema import FinetuneReport, StageReport
+from .teachers import recovery_teacher, teacher_summary
 from .resources import peak_memory, timed
 from .stages import CompressionMethod, get_method
 from .stages.base import finished_report
@@ -149,7 +149,7 @@ def _run_stages(
         check_same_masks(masks.digest(), state)
     distillation = None
     if not (out / "adapter" / "adapter_config.json").is_file():
-        distillation = _distillation(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir, out, state)
+        distillation = recovery_teacher(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir, out, state)
         _finetune_stage(model_args, method, ft_args, sft_args, stage_dir, masks, out, state, distillation)
     if state.is_main_process:
         with zero3_init_disabled():
@@ -164,7 +164,7 @@ def _run_stages(
                 stage_report,
                 masks,
                 out,
-                _distillation_summary(model_args, distill_args, out),
+                teacher_summary(model_args, distill_args, out),
             )
     state.wait_for_everyone()
     return FinetuneReport.from_dict(read_json(out / "report.json"))
@@ -195,65 +195,6 @@ def _check_training_settings(model_args, method: CompressionMethod, eval_args, f
             f"load_in_4bit is supported with method {', '.join(n for n, m in METHODS.items() if m.supports_4bit)} "
             f"only (got method {method.name})"
         )
-
-
-def _load_teacher(model_args, teacher_id: str):
-    """The teacher model, whole on this process (never ZeRO-3-partitioned: it only runs forward passes), in the
-    run's dtype, or 4-bit like the student's base in a QLoRA run."""
-    with zero3_init_disabled():
-        teacher, _ = load_model_and_tokenizer(
-            teacher_id, model_args.dtype or "float32", model_args.attn_implementation or "sdpa", bnb_config(model_args)
-        )
-    keep_canonical_4bit_layout(teacher)
-    return teacher
-
-
-def _distillation(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir: Path, out: Path, state):
-    """``(teacher_for(windows), weight, temperature)`` for :func:`dlp.finetune.train`, or None without a teacher.
-
-    Cached mode first makes sure ``out/teacher/`` holds the teacher's top-k for every training window (a resumable
-    stage on the main process; the others wait), so training loads no teacher at all."""
-    if not distill_args.enabled:
-        return None
-    teacher_id = distill_args.teacher_id(model_args.model_name_or_path)
-    weight, temperature = distill_args.distill_weight, distill_args.distill_temperature
-    if distill_args.teacher_mode == "online":
-        return (lambda _windows: OnlineTeacher(_load_teacher(model_args, teacher_id), temperature)), weight, temperature
-    cache_dir = out / CACHE_DIR
-    if state.is_main_process:
-        from transformers import AutoTokenizer
-
-        windows = training_windows(AutoTokenizer.from_pretrained(stage_dir / "model"), ft_args, sft_args.max_length)
-        key = cache_key(windows, teacher_id, distill_args.distill_top_k, temperature)
-        if not cache_complete(cache_dir, key):
-            build_teacher_cache(
-                _load_teacher(model_args, teacher_id),
-                windows,
-                cache_dir,
-                key=key,
-                top_k=distill_args.distill_top_k,
-                temperature=temperature,
-                device=resolve_device(calib_args.device),
-            )
-    state.wait_for_everyone()
-    return (lambda windows: CachedTeacher(cache_dir, windows)), weight, temperature
-
-
-def _distillation_summary(model_args, distill_args, out: Path) -> dict[str, Any] | None:
-    """What the report says of the teacher: who, how (mode, loss mix) and, cached, what the cache holds."""
-    if not distill_args.enabled:
-        return None
-    summary = {
-        "teacher": distill_args.teacher_id(model_args.model_name_or_path),
-        "mode": distill_args.teacher_mode,
-        "weight": distill_args.distill_weight,
-        "temperature": distill_args.distill_temperature,
-        "loss": "(1 - weight) * LM + weight * temperature^2 * KL(teacher || student)",
-    }
-    if distill_args.teacher_mode == "cached":
-        manifest = read_json(out / CACHE_DIR / "manifest.json") or {}
-        summary["cache"] = {key: manifest.get(key) for key in ("windows", "seqlen", "top_k", "shards")}
-    return summary
 
 
 def _check_pipeline_settings(

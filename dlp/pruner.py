@@ -1,6 +1,6 @@
-"""Calibration-driven pruning built on the sweep engine: the scorers (visitors) and the pruning entry points.
+"""Calibration-driven pruning built on the sweep engine: the pruning visitors and the pruning entry point (the dense
+scoring sweep that allocations read is :mod:`dlp.scoring`).
 
-* :func:`score_layers` — one dense sweep, one forward per layer, measuring every allocator's layer score.
 * :func:`prune_model` — ``mode="sequential"`` (default): per layer, a forward that accumulates input
   statistics, pruning, and a second forward whose outputs (of the pruned layer) feed the next layer.
   ``mode="fast"``: no sweep at all; every Linear is pruned from the statistics the dense scoring sweep kept
@@ -13,23 +13,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .allocate import LayerScores
 from .errors import require
 from .masks import MaskSet
 from .modeling import find_decoder_layers, find_linears
-from .criteria import CRITERIA, PruneSpec, get_criterion, prune_linear, wanda_scores
+from .criteria import CRITERIA, PruneSpec, get_criterion, prune_linear
 from .stats import InputStats, _SharedReducer, collect_input_stats
 from .sweep import LayerContext, sweep
-from .projections import in_features, logical_shape, logical_weight
+from .projections import in_features, logical_shape
 
-__all__ = ["MODES", "PruneSpec", "Scoring", "check_prune_mode", "layer_param_counts", "prune_model", "score_layers"]
+__all__ = ["MODES", "PruneSpec", "check_prune_mode", "layer_param_counts", "prune_model"]
 
 MODES = ("sequential", "fast", "onepass")
 
@@ -48,75 +45,6 @@ def layer_param_counts(model: nn.Module) -> list[int]:
     """Prunable weights per decoder layer (from the logical shapes, so packed 4-bit weights count right too)."""
     _, layers = find_decoder_layers(model)
     return [sum(math.prod(logical_shape(lin)) for lin in find_linears(layer).values()) for layer in layers]
-
-
-def _layer_score(ctx: LayerContext, stats: dict[str, InputStats], cosine: torch.Tensor, owl_m: float) -> LayerScores:
-    """Every allocator's score of one dense layer, from its Linears' input statistics and the per-token cosine
-    between the layer's inputs and outputs (``cosine``, one value per token, computed where the layer ran)."""
-    scores = torch.cat(
-        [wanda_scores(logical_weight(lin), stats[name].sq_mean).flatten() for name, lin in ctx.linears.items()]
-    )
-    return LayerScores(
-        wanda_median=float(scores.median()),
-        wanda_mean=float(scores.mean()),
-        outlier_ratio=float((scores > owl_m * scores.mean()).float().mean()),
-        redundancy=float(cosine.mean()),
-        params=scores.numel(),
-    )
-
-
-def token_cosines(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-    """cos(h_in, h_out) per token, flattened (Layer Redundancy's ingredient), in float32."""
-    return F.cosine_similarity(inputs.float(), outputs.float(), dim=-1).flatten()
-
-
-@dataclass
-class Scoring:
-    """What the dense scoring sweep measured: every layer's scores, and (when asked) every Linear's statistics."""
-
-    layers: list[LayerScores]
-    stats: dict[str, InputStats] | None = None  # full Linear name -> input statistics (for prune_mode fast)
-
-    # it reads as the sequence of layer scores, as score_layers' result did before it carried the statistics
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, index: int) -> LayerScores:
-        return self.layers[index]
-
-
-def score_layers(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    *,
-    owl_m: float = 5.0,
-    device="cpu",
-    batch_size: int = 8,
-    keep_stats: bool = False,
-    memory: str = "auto",
-) -> Scoring:
-    """Dense sweep (nothing is pruned): the layer scores every allocator needs.
-
-    With ``keep_stats``, every Linear's input statistics are returned too, under its full name, so that
-    ``prune_model(mode="fast")`` can prune from them without a second sweep.
-    """
-    scoring = Scoring([], {} if keep_stats else None)
-    prefix, _ = find_decoder_layers(model)
-
-    def visit(ctx: LayerContext) -> torch.Tensor:
-        cosines: list[torch.Tensor] = []
-        with collect_input_stats(ctx.linears) as stats:
-            outputs = ctx.forward(on_batch=lambda x, y: cosines.append(token_cosines(x, y)))
-        scoring.layers.append(_layer_score(ctx, stats, torch.cat(cosines), owl_m))
-        if scoring.stats is not None:
-            scoring.stats.update({f"{prefix}.{ctx.index}.{name}": st for name, st in stats.items()})
-        return outputs
-
-    sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc="scoring layers", memory=memory)
-    return scoring
 
 
 def _sequential_visitor(sparsities: list[float], spec: PruneSpec, masks: dict, prefix: str) -> Callable:
@@ -187,3 +115,19 @@ def prune_model(
     desc = f"pruning ({spec.criterion}, {mode})"
     sweep(model, input_ids, visit, device=device, batch_size=batch_size, desc=desc, memory=memory)
     return MaskSet(masks)
+
+
+_MOVED_TO_SCORING = ("score_layers", "Scoring", "token_cosines")
+
+
+def __getattr__(name: str):
+    """The layer-scoring names that lived here until 2026-12 (scoring is not pruning): still importable, with a
+    deprecation warning; the alias goes in a later release."""
+    if name not in _MOVED_TO_SCORING:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    from . import scoring
+
+    warnings.warn(f"dlp.pruner.{name} moved to dlp.scoring: import it from there", DeprecationWarning, stacklevel=2)
+    return getattr(scoring, name)

@@ -180,7 +180,7 @@ def test_masked_lora_on_a_conv1d_matches_its_linear_twin_forward_backward_and_me
 def test_gpt2_prunes_to_out_by_in_masks_and_merges_exactly():
     from trl import ModelConfig
 
-    from dlp.finetune import masked_lora_model
+    from dlp.lora import masked_lora_model
 
     model = tiny_model("gpt2")
     prefix, layers = find_decoder_layers(model)

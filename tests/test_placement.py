@@ -16,7 +16,7 @@ from conftest import tiny_model
 from dlp import placement
 from dlp.errors import DlpError
 from dlp.placement import GIB, Placement, check_memory_setting, device_budget, plan_placement, working_bytes
-from dlp.pruner import score_layers
+from dlp.scoring import score_layers
 from dlp.resources import resources_line, timed
 from dlp.sweep import sweep
 

@@ -14,7 +14,8 @@ from conftest import REPO
 from dlp.errors import DlpError
 from dlp.lora import attach_masks, masked_lora_layers
 from dlp.masks import MaskSet
-from dlp.merge import MERGE_TOLERANCE, QUANTIZATION_FILE, export_quantized, load_adapter_model, merge_masked
+from dlp.export import export_quantized
+from dlp.merge import MERGE_TOLERANCE, QUANTIZATION_FILE, load_adapter_model, merge_masked
 from dlp.projections import dense_weight, is_quantized
 from test_lora import random_masks, train_steps
 from test_prune_lora import ENV, SCRIPT, merged_weights, write_recipe

@@ -9,7 +9,8 @@ from conftest import SHARED_DATA, requires_demo_model
 from dlp.data import load_calibration
 from dlp.evaluate import perplexity
 from dlp.criteria import PruneSpec
-from dlp.pruner import layer_param_counts, prune_model, score_layers
+from dlp.pruner import layer_param_counts, prune_model
+from dlp.scoring import score_layers
 from dlp.masks import MaskSet
 from dlp.modeling import DEMO_MODEL, load_model_and_tokenizer
 from dlp.allocators import compute_sparsities

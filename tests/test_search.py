@@ -19,7 +19,8 @@ from dlp.config import PruneArguments
 from dlp.criteria import PruneSpec, rowwise_keep_mask
 from dlp.errors import DlpError
 from dlp.masks import MaskSet
-from dlp.pruner import layer_param_counts, prune_model, score_layers
+from dlp.pruner import layer_param_counts, prune_model
+from dlp.scoring import score_layers
 from dlp.search import Assembler, KlFitness, LevelDatabase, LevelGrid, SearchPlan, drop_levels, search_allocation
 
 PRUNE = REPO / "train" / "prune.py"

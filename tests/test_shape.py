@@ -181,4 +181,20 @@ def test_the_pruner_old_import_path_still_works_with_a_deprecation_warning():
     sys.modules.pop("dlp.layerwise", None)
     with pytest.warns(DeprecationWarning, match="dlp.layerwise is deprecated: import from dlp.pruner"):
         layerwise = importlib.import_module("dlp.layerwise")
-    assert layerwise.score_layers is dlp.pruner.score_layers and layerwise.PruneSpec is PruneSpec
+    assert layerwise.prune_model is dlp.pruner.prune_model and layerwise.PruneSpec is PruneSpec
+    import dlp.scoring
+
+    assert layerwise.score_layers is dlp.scoring.score_layers
+
+
+def test_scoring_names_still_import_from_the_pruner_with_a_deprecation_warning():
+    """score_layers, Scoring and token_cosines moved to dlp.scoring (the README's Python API imported them from
+    dlp.pruner until 2026-12)."""
+    import dlp.pruner
+    import dlp.scoring
+
+    for name in ("score_layers", "Scoring", "token_cosines"):
+        with pytest.warns(DeprecationWarning, match=f"dlp.pruner.{name} moved to dlp.scoring"):
+            assert getattr(dlp.pruner, name) is getattr(dlp.scoring, name)
+    with pytest.raises(AttributeError):
+        dlp.pruner.no_such_name  # noqa: B018

@@ -17,7 +17,7 @@ from torch import nn
 
 from conftest import save_tiny_model, tiny_config, tiny_tokenizer
 from dlp.errors import DlpError
-from dlp.merge import export_model
+from dlp.export import export_model
 from dlp.slicing import check_sliceable_type, norm_scale, slice_model
 from dlp.stages.slice import SliceMethod
 from test_prune_lora import ENV

@@ -8,7 +8,8 @@ from torch import nn
 
 from conftest import FAMILIES, tiny_config, tiny_model
 from dlp.criteria import PruneSpec
-from dlp.pruner import prune_model, score_layers
+from dlp.pruner import prune_model
+from dlp.scoring import score_layers
 from dlp.modeling import find_decoder_layers, find_linears
 from dlp.criteria import Pattern
 from dlp.sweep import capture_inputs, sweep

@@ -207,7 +207,7 @@ def test_llama_masks_are_refused_on_a_qwen2_model_of_the_same_shapes():
 def test_prune_records_the_fingerprint_and_finetuning_and_merging_check_it(pruned, tmp_path):
     from types import SimpleNamespace
 
-    from dlp.finetune import masked_lora_model
+    from dlp.lora import masked_lora_model
     from dlp.merge import load_adapter_model
 
     masks = MaskSet.load(pruned / "masks.safetensors")

@@ -26,7 +26,8 @@ from dlp.data import load_training_windows  # noqa: E402
 from dlp.errors import require  # noqa: E402
 from dlp.io import check_writable_dir  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
-from dlp.merge import export_model, load_adapter_model, merge_masked  # noqa: E402
+from dlp.export import export_model  # noqa: E402
+from dlp.merge import load_adapter_model, merge_masked  # noqa: E402
 
 
 @dataclass

@@ -3,10 +3,10 @@
 * :mod:`dlp.stages.prune` — layerwise-allocated pruning with fixed masks (``method: prune``, ``train/prune.py``);
 * :mod:`dlp.stages.slice` — rotate-and-slice with per-layer widths (``method: slice``, ``train/slice.py``).
 
-A new method is a module here that registers a :class:`~dlp.stages.base.CompressionMethod`, and its import below.
+A new method is a module here that registers a :class:`~dlp.stages.method.CompressionMethod`, and its import below.
 """
 
 from . import prune, slice  # noqa: F401  (each registers its method)
-from .base import METHODS, CompressionMethod, get_method, register
+from .method import METHODS, CompressionMethod, get_method, register
 
 __all__ = ["METHODS", "CompressionMethod", "get_method", "register"]

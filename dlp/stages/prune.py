@@ -26,21 +26,21 @@ from ..masks import MaskSet, model_fingerprint
 from ..modeling import find_decoder_layers, prunable_linears
 from ..preflight import ModelPlan, check_lengths, check_masks_fit, check_pattern_fits, inspect_model
 from ..projections import logical_shape
-from ..pruner import Scoring, layer_param_counts, prune_model
+from ..pruner import layer_param_counts, prune_model
+from ..scoring import Scoring
 from ..report import layer_sparsity_from_modules, write_stage_report
 from ..report_schema import PruneReport
 from ..resources import peak_memory, saved_bytes, timed
 from .base import (
-    CompressionMethod,
     StageStart,
     check_run_inputs,
     dense_layer_scores,
     prepare_run,
-    register,
     reload_matching,
     run_config,
     run_stage,
 )
+from .method import CompressionMethod, register
 
 SPARSITY_TOLERANCE = 0.001  # overall sparsity may miss its target by at most 0.1 point (rounding to whole weights)
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from ..config import CalibrationArguments, EvalArguments, RunArguments, SliceArguments
 from ..io import atomic_write_json, read_json
-from ..merge import MERGE_TOLERANCE, export_model
+from ..export import export_model
+from ..merge import MERGE_TOLERANCE
 from ..modeling import find_decoder_layers
 from ..preflight import ModelPlan, check_lengths, inspect_model
 from ..report import write_stage_report
@@ -35,15 +36,14 @@ from ..slicing import (
     slicing_fractions,
 )
 from .base import (
-    CompressionMethod,
     check_run_inputs,
     dense_layer_scores,
     prepare_run,
-    register,
     reload_matching,
     run_config,
     run_stage,
 )
+from .method import CompressionMethod, register
 
 SLICING_FILE = "slicing.json"
 # Plain LoRA (a sliced model) computes W·x + s·B·(A·x) in training but (W + s·B·A)·x once merged: the same
