@@ -15,7 +15,7 @@ Three variants run one after another, each in a fresh process (so peak RSS is it
 
 Perplexity (first 64×512 windows of the WikiText-2 test split) of ``engine`` and ``fast`` is measured after the
 timed part. On CUDA the peak device memory is reported too, the clocks are read after a synchronisation, the model
-runs in bfloat16 (``--dtype``; float32 on a CPU, where the figures in the README were measured), the engine's
+runs in bfloat16 (``--dtype``; float32 on a CPU, where the figures in docs/results.md were measured), the engine's
 placement of the hidden states is printed, and the masks' agreement with the baseline's is counted bit by bit (GPU
 kernels are not bit-deterministic, so digests may differ where almost every bit agrees).
 

@@ -11,7 +11,7 @@ variants run one after the other in this one invocation. Results: ``benchmarks/r
 The base is prepared as the pipeline prepares it (``dlp.quantize.prepare_4bit_for_training``). It runs where
 training runs: on a GPU the default variants are the 16-bit pair (``lora_bf16``, ``qlora_nf4_bf16``) with
 activation checkpointing off and on (``--checkpointing off,on``), and the summary gives the QLoRA/LoRA ratio of
-CUDA peaks for each; on a CPU all four variants, checkpointing off, as the README's table was measured. Clocks
+CUDA peaks for each; on a CPU all four variants, checkpointing off, as docs/results.md's table was measured. Clocks
 are read after a synchronisation.
 
     python benchmarks/qlora_memory.py --prune_dir P --batch 4 --seqlen 2048      # on a GPU
