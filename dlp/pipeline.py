@@ -416,7 +416,7 @@ def _merge_export_evaluate(
     )
     report.distillation = distillation
     report.peak_memory = peak_memory(resolve_device(calib_args.device))
-    write_finetune_report(out, out / "model", report)
+    write_finetune_report(out, out / "model", report, method.card_view)
 
 
 def _evaluate_export(

@@ -1,9 +1,9 @@
 """Rendering the run reports: ``report.json`` (everything measured), ``summary.md`` (for people) and PNG plots.
 
 The stages build their typed reports (:mod:`dlp.report_schema`) once; this module only renders them. What is drawn
-for a stage's report is looked up by its kind (:data:`STAGE_VIEWS`, :data:`CARD_VIEWS`); a compression method
-without an entry gets the generic summary (its perplexities and recipe), so a new method renders before it has
-views of its own.
+is a :class:`View` that each compression method carries (``stage_view`` for its stage's summary, ``card_view`` for
+the fine-tuned model's card); a method that sets none gets :data:`GENERIC_VIEW` (its perplexities and recipe), so a
+new method renders before it has views of its own.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _layer_table(report: dict[str, Any]) -> list[str]:
     return lines + ["", "![per-layer sparsity](sparsity.png)", ""]
 
 
-def _plot_report_sparsity(path: Path, report: dict[str, Any]) -> Path:
+def plot_report_sparsity(path: Path, report: dict[str, Any]) -> Path:
     cfg = report["config"]
     return plot_layer_sparsity(
         path,
@@ -351,7 +351,7 @@ def slice_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines + ["", "![per-layer slicing](widths.png)", ""])
 
 
-def _plot_slice_widths(path: Path, report: dict[str, Any]) -> Path:
+def plot_slice_widths(path: Path, report: dict[str, Any]) -> Path:
     cfg, slicing = report["config"], report["slicing"]
     return plot_layer_sparsity(
         path,
@@ -378,36 +378,28 @@ class View(NamedTuple):
     plot_name: str = ""
 
 
-STAGE_VIEWS: dict[str, View] = {  # summary.md and plot of a compression stage, by its report's kind
-    "prune": View(summary_markdown, _plot_report_sparsity, "sparsity.png"),
-    "slice": View(slice_markdown, _plot_slice_widths, "widths.png"),
-}
-CARD_VIEWS: dict[str, View] = {  # model card and shape plot of a fine-tuned model, by its compression method
-    "prune": View(pruned_finetune_markdown, _plot_report_sparsity, "sparsity.png"),
-    "slice": View(sliced_finetune_markdown, _plot_slice_widths, "widths.png"),
-}
+# The views of the built-in methods; each method object carries its own (CompressionMethod.stage_view, card_view)
+PRUNE_STAGE_VIEW = View(summary_markdown, plot_report_sparsity, "sparsity.png")
+PRUNE_CARD_VIEW = View(pruned_finetune_markdown, plot_report_sparsity, "sparsity.png")
+SLICE_STAGE_VIEW = View(slice_markdown, plot_slice_widths, "widths.png")
+SLICE_CARD_VIEW = View(sliced_finetune_markdown, plot_slice_widths, "widths.png")
 GENERIC_VIEW = View(generic_markdown)
 
 
-def write_stage_report(output_dir: Path, report: StageReport) -> None:
-    """``summary.md`` and the stage's plot, then ``report.json`` (its presence marks the run as finished)."""
+def write_stage_report(output_dir: Path, report: StageReport, view: View = GENERIC_VIEW) -> None:
+    """``summary.md`` and the stage's plot (as its method's ``view`` draws them), then ``report.json`` (its presence
+    marks the run as finished)."""
     data = report.to_dict()
-    view = STAGE_VIEWS.get(report.kind, GENERIC_VIEW)
     if view.plot is not None:
         view.plot(output_dir / view.plot_name, data)
     atomic_write_text(output_dir / "summary.md", view.markdown(data))
     atomic_write_json(output_dir / "report.json", data)
 
 
-def finetune_markdown(report: dict[str, Any]) -> str:
-    """The model card of a fine-tuned compressed model (also the run's ``summary.md``)."""
-    return CARD_VIEWS.get(report["method"], GENERIC_VIEW).markdown(report)
-
-
-def write_finetune_report(output_dir: Path, model_dir: Path, report: FinetuneReport) -> None:
-    """Plots and card into the run directory and the exported model directory; ``report.json`` last."""
+def write_finetune_report(output_dir: Path, model_dir: Path, report: FinetuneReport, view: View = GENERIC_VIEW) -> None:
+    """Plots and card (as the compression method's ``view`` draws them) into the run directory and the exported
+    model directory; ``report.json`` last."""
     data = report.to_dict()
-    view = CARD_VIEWS.get(report.method, GENERIC_VIEW)
     logged = [e for e in report.log_history if "loss" in e]
     steps, losses = [e["step"] for e in logged], [e["loss"] for e in logged]
     parts = {name: [e[name] for e in logged] for name in ("lm_loss", "kd_loss") if all(name in e for e in logged)}

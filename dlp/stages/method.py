@@ -22,6 +22,7 @@ from ..lora import default_target_modules
 from ..masks import MaskSet
 from ..merge import MERGE_TOLERANCE
 from ..preflight import ModelPlan
+from ..report import GENERIC_VIEW, View
 from ..report_schema import StageReport
 
 
@@ -35,6 +36,8 @@ class CompressionMethod:
     reuse_field: str | None = None  # FinetuneArguments field naming a finished run of ``script`` to reuse
     trust_remote_code: bool = False  # the exported model ships its own modeling file
     supports_4bit: bool = False  # whether its compressed model can be a 4-bit (QLoRA) base
+    stage_view: View = GENERIC_VIEW  # how its stage's summary.md and plot are drawn
+    card_view: View = GENERIC_VIEW  # how the fine-tuned model's card and plot are drawn
 
     def check_settings(
         self, model_args, calib_args: CalibrationArguments, method_args, eval_args: EvalArguments, **lengths: int

@@ -28,7 +28,7 @@ from ..preflight import ModelPlan, check_lengths, check_masks_fit, check_pattern
 from ..projections import logical_shape
 from ..pruner import layer_param_counts, prune_model
 from ..scoring import Scoring
-from ..report import layer_sparsity_from_modules, write_stage_report
+from ..report import PRUNE_CARD_VIEW, PRUNE_STAGE_VIEW, layer_sparsity_from_modules, write_stage_report
 from ..report_schema import PruneReport
 from ..resources import peak_memory, saved_bytes, timed
 from .base import (
@@ -151,7 +151,7 @@ def _prune_run(
         report.zero_shot = zero_shot(
             model, tokenizer, [t.strip() for t in eval_args.eval_tasks.split(",") if t.strip()]
         )
-    write_stage_report(out, report)
+    write_stage_report(out, report, PRUNE_STAGE_VIEW)
     return report
 
 
@@ -260,6 +260,8 @@ class PruneMethod(CompressionMethod):
     arguments = PruneArguments
     report_type = PruneReport
     script = "train/prune.py"
+    stage_view = PRUNE_STAGE_VIEW
+    card_view = PRUNE_CARD_VIEW
     reuse_field = "prune_dir"
     supports_4bit = True
 

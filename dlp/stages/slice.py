@@ -22,7 +22,7 @@ from ..export import export_model
 from ..merge import MERGE_TOLERANCE
 from ..modeling import find_decoder_layers
 from ..preflight import ModelPlan, check_lengths, inspect_model
-from ..report import write_stage_report
+from ..report import SLICE_CARD_VIEW, SLICE_STAGE_VIEW, write_stage_report
 from ..report_schema import SliceReport
 from ..resources import peak_memory, timed
 from ..sliced import SLICING_STRUCTURE
@@ -141,7 +141,7 @@ def _slice_run(
         peak_memory=peak_memory(device),
         slicing=_slicing_summary(model, sliced, fractions, widths, redundancy),
     )
-    write_stage_report(out, report)
+    write_stage_report(out, report, SLICE_STAGE_VIEW)
     return report
 
 
@@ -186,6 +186,8 @@ class SliceMethod(CompressionMethod):
     arguments = SliceArguments
     report_type = SliceReport
     script = "train/slice.py"
+    stage_view = SLICE_STAGE_VIEW
+    card_view = SLICE_CARD_VIEW
     reuse_field = "slice_dir"
     trust_remote_code = True
 
