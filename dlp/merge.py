@@ -85,32 +85,34 @@ def adapter_binding(base: nn.Module, masks: MaskSet | None) -> dict:
 def check_adapter_binding(
     adapter_dir: Path, masks: MaskSet | None, base: nn.Module | None = None, force: bool = False
 ) -> None:
-    """Refuse (one line; with ``force`` a warning) an adapter trained on other masks or, once ``base`` is loaded,
-    another kind of model than the ones it is about to be merged with: called before the base loads (the masks'
-    digest) and after (the base's fingerprint). An adapter without :data:`BINDING_FILE` (from a dlp before it, or
-    not dlp's) cannot be checked, and says so."""
+    """Refuse (one line; with ``force`` a warning) an adapter trained on other masks or another kind of model than
+    the ones it is about to be merged with. Called twice: before the base loads (``base`` None: the masks' digest,
+    so a mismatch costs no load) and after (the base's fingerprint). An adapter without :data:`BINDING_FILE` (from
+    a dlp before it, or not dlp's) cannot be checked, and says so once."""
     recorded = read_json(adapter_dir / BINDING_FILE)
     if recorded is None:
         if base is None:
             print(f"[dlp] {adapter_dir} records no masks digest ({BINDING_FILE}): it is merged unchecked")
         return
-    problems = []
-    digest = masks.digest() if masks is not None else None
-    if base is None and recorded.get("masks_digest") != digest:
-        made, given = (str(d)[:12] if d else "none" for d in (recorded.get("masks_digest"), digest))
-        problems.append(f"it was trained on masks {made}…, the masks given are {given}…")
-    seen = model_fingerprint(base) if base is not None else None
-    if seen is not None and recorded.get("base_fingerprint") != seen:
-        made = recorded.get("base_fingerprint") or {}
-        problems.append(
+    if base is None:
+        made, given = recorded.get("masks_digest"), masks.digest() if masks is not None else None
+        problem = f"it was trained on masks {_short(made)}…, the masks given are {_short(given)}…"
+    else:
+        made, given = recorded.get("base_fingerprint") or {}, model_fingerprint(base)
+        problem = (
             f"it was trained on a {made.get('model_type')} base of {made.get('num_layers')} layers with other "
-            f"projections than this {seen['model_type']} base of {seen['num_layers']} layers"
+            f"projections than this {given['model_type']} base of {given['num_layers']} layers"
         )
-    for problem in problems:
-        message = f"adapter_dir: {adapter_dir} does not belong to this base and masks: {problem}"
-        if not force:
-            raise DlpError(f"{message} (--force merges it anyway)")
-        warnings.warn(f"{message}; merging it anyway because of --force", stacklevel=2)
+    if made == given:
+        return
+    message = f"adapter_dir: {adapter_dir} does not belong to this base and masks: {problem}"
+    if not force:
+        raise DlpError(f"{message} (--force merges it anyway)")
+    warnings.warn(f"{message}; merging it anyway because of --force", stacklevel=2)
+
+
+def _short(digest: str | None) -> str:
+    return str(digest)[:12] if digest else "none"
 
 
 def load_base(base_dir: str | Path, dtype: str = "float32", merge_base: str = "full", quantization: dict | None = None):

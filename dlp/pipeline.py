@@ -229,23 +229,23 @@ def _recipe(
     return json.loads(json.dumps(recipe, default=str))
 
 
-def _distillation_change(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """A teacher the saved run had and this one has not (its fields are recorded only when there is one, and
-    :func:`dlp.io.recipe_changes` compares the keys this recipe records)."""
-    if "distillation" not in saved or "distillation" in recipe:
-        return []
-    return [f"teacher: {saved['distillation'].get('teacher')!r} → 'none'"]
+def _changes(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    """How ``recipe`` differs from a saved run's (:func:`dlp.io.recipe_changes`), plus a teacher the saved run had and
+    this one has not: its fields are recorded only when there is one, and ``recipe_changes`` compares the keys this
+    recipe records."""
+    changed = recipe_changes(saved, recipe)
+    if "distillation" in saved and "distillation" not in recipe:
+        changed.append(f"teacher: {saved['distillation'].get('teacher')!r} → 'none'")
+    return changed
 
 
 def _finished_run(out: Path, recipe: dict[str, Any], overwrite: bool, announce: bool) -> dict[str, Any] | None:
     """The report of a finished run of the same recipe in ``out`` (None: none, or ``overwrite``); a finished run of
     another recipe (its ``recipe.json``) is refused in one line naming the fields that differ."""
 
-    def changes(_report: dict[str, Any]) -> list[str]:
-        saved = read_json(out / "recipe.json") or {}
-        return recipe_changes(saved, recipe) + _distillation_change(saved, recipe)
-
-    return finished_report(out, overwrite, changes, announce)
+    return finished_report(
+        out, overwrite, lambda _report: _changes(read_json(out / "recipe.json") or {}, recipe), announce
+    )
 
 
 def _training_settings(sft_args) -> dict[str, Any]:
@@ -260,7 +260,7 @@ def _check_resumable(out: Path, recipe: dict[str, Any], overwrite: bool) -> bool
     saved = None if overwrite or not out.is_dir() else read_json(out / "recipe.json")
     if saved is None:
         return True
-    changed = recipe_changes(saved, recipe) + _distillation_change(saved, recipe)
+    changed = _changes(saved, recipe)
     if changed and not _has_progress(out):
         return True  # an earlier run that stopped before any stage finished: nothing would be reused
     require(

@@ -106,9 +106,9 @@ def check_lora_targets(plan: ModelPlan, targets: list[str] | str | None) -> None
     adapter would train one tensor under two names, and the merge could not give the model it trained."""
     if not targets or isinstance(targets, str):  # None: the method's default; a string: peft's "all-linear"
         return
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in plan.adaptable})
     for target in targets:
         matched = [name for name in plan.adaptable if name == target or name.endswith(f".{target}")]
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in plan.adaptable})
         require(
             matched,
             f"lora_target_modules: {target!r} names no Linear or Embedding module of {plan.model_id} "

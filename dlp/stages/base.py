@@ -11,12 +11,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
-
 
 from ..config import CalibrationArguments, EvalArguments, RunArguments
 from ..data import check_source, load_calibration
@@ -38,28 +36,6 @@ from ..report_schema import StageReport
 from ..resources import timed
 
 
-@contextmanager
-def claimed_run(
-    run_args: RunArguments, config: dict[str, Any], preflight: Callable[[], object] = lambda: None
-) -> Iterator[dict[str, Any] | None]:
-    """Hold ``output_dir`` for one run: yield the report of a run of the same recipe already finished there (unless
-    ``--overwrite``), or None once ``output_dir`` is ready for a new run and locked (:class:`dlp.io.RunLock`) until
-    the block ends.
-
-    ``preflight`` (the checks that need no weights) runs before anything is written or removed, so a refused run
-    leaves ``output_dir`` as it found it. A finished run of another ``config`` is refused with the fields that differ.
-    After the lock is taken the finished check runs again: a run this one waited for may have finished meanwhile."""
-    out = Path(run_args.output_dir)
-    finished = finished_report(out, run_args.overwrite, config_changes(config))
-    if finished is not None:
-        yield finished
-        return
-    preflight()
-    with RunLock(out, run_args.wait_for_lock) as lock:
-        start_output_dir(out, run_args.overwrite, lock=lock)
-        yield finished_report(out, False, config_changes(config))  # --overwrite has just removed the report
-
-
 def run_stage(
     run_args: RunArguments,
     config: dict[str, Any],
@@ -67,10 +43,22 @@ def run_stage(
     report_type: type[StageReport],
     stage: Callable[[], StageReport],
 ) -> StageReport:
-    """A compression stage's entry: the finished run's report if ``output_dir`` holds one of this ``config``, else
-    ``stage()`` run in the claimed and locked ``output_dir`` (:func:`claimed_run`)."""
-    with claimed_run(run_args, config, preflight) as finished:
-        return report_type.from_dict(finished) if finished is not None else stage()
+    """A compression stage's entry: the report of a run of this ``config`` already finished in ``output_dir``
+    (unless ``--overwrite``), else ``stage()`` run in the claimed ``output_dir`` under its lock (:class:`RunLock`).
+
+    ``preflight`` (the checks that need no weights) runs before anything is written or removed, so a refused run
+    leaves ``output_dir`` as it found it. A finished run of another ``config`` is refused with the fields that differ.
+    After the lock is taken the finished check runs again: a run this one waited for may have finished meanwhile."""
+    out, changes = Path(run_args.output_dir), config_changes(config)
+    finished = finished_report(out, run_args.overwrite, changes)
+    if finished is None:
+        preflight()
+        with RunLock(out, run_args.wait_for_lock) as lock:
+            start_output_dir(out, run_args.overwrite, lock=lock)
+            finished = finished_report(out, False, changes)  # --overwrite has just removed the report it would find
+            if finished is None:
+                return stage()
+    return report_type.from_dict(finished)
 
 
 def finished_report(
