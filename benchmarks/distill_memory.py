@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qlora_memory import memory_line, resident_mib, tensor_mib, timed_steps  # noqa: E402
 
-from dlp.io import atomic_write_json  # noqa: E402
+from dlp.rundir import atomic_write_json  # noqa: E402
 from dlp.resources import peak_rss_mib  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "distill_memory.json"

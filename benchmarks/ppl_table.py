@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dlp.config import PruneArguments  # noqa: E402
 from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import eval_stream, perplexity  # noqa: E402
-from dlp.io import atomic_write_json, read_json  # noqa: E402
+from dlp.rundir import atomic_write_json, read_json  # noqa: E402
 from dlp.criteria import PruneSpec, parse_pattern  # noqa: E402
 from dlp.pruner import layer_param_counts, prune_model  # noqa: E402
 from dlp.scoring import score_layers  # noqa: E402

@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 from dlp.allocate import balance, dlp_sparsities  # noqa: E402
 from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import perplexity  # noqa: E402
-from dlp.io import atomic_write_json  # noqa: E402
+from dlp.rundir import atomic_write_json  # noqa: E402
 from dlp.criteria import PruneSpec, prune_linear  # noqa: E402
 from dlp.pruner import layer_param_counts, prune_model  # noqa: E402
 from dlp.scoring import _layer_score, score_layers, token_cosines  # noqa: E402

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dlp.io import atomic_write_json  # noqa: E402
+from dlp.rundir import atomic_write_json  # noqa: E402
 from dlp.resources import peak_rss_mib, synchronize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "qlora_memory.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dlp.evaluate import perplexity  # noqa: E402
-from dlp.io import atomic_write_json, read_json  # noqa: E402
+from dlp.rundir import atomic_write_json, read_json  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.merge import load_adapter_model, merge_masked  # noqa: E402
 

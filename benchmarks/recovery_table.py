@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dlp.distill import CACHE_DIR  # noqa: E402
-from dlp.io import atomic_write_json, claim_dir  # noqa: E402
+from dlp.rundir import atomic_write_json, claim_dir  # noqa: E402
 
 PRUNE_RECIPE = REPO / "recipes" / "smollm2-135m" / "dlp_wanda_70.yaml"
 LORA_RECIPE = REPO / "recipes" / "smollm2-135m" / "dlp_wanda_70_lora.yaml"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from dlp.data import load_calibration  # noqa: E402
 from dlp.evaluate import perplexity  # noqa: E402
-from dlp.io import atomic_write_json  # noqa: E402
+from dlp.rundir import atomic_write_json  # noqa: E402
 from dlp.modeling import load_model_and_tokenizer  # noqa: E402
 from dlp.pruner import layer_param_counts  # noqa: E402
 from dlp.scoring import score_layers  # noqa: E402

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dlp.io import atomic_write_json  # noqa: E402
+from dlp.rundir import atomic_write_json  # noqa: E402
 from dlp.modeling import DEMO_MODEL, find_decoder_layers, load_model_and_tokenizer, resolve_dtype  # noqa: E402
 from dlp.process import setup  # noqa: E402
 from dlp.resources import synchronize  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from .errors import DlpError, ResultCheckFailed
-from .io import is_out_of_space
+from .rundir import is_out_of_space
 
 
 def one_line_parse_errors(parser) -> None:

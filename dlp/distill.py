@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import require
-from .io import atomic_file, atomic_write_json, read_json
+from .rundir import atomic_file, atomic_write_json, read_json
 
 CACHE_DIR = "teacher"
 SHARD_WINDOWS = 16  # windows per cache shard: the unit a killed caching run loses at most

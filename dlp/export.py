@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import require
-from .io import atomic_dir
+from .rundir import atomic_dir
 from .masks import MaskSet
 from .modeling import load_model_and_tokenizer
 from .resources import saved_bytes

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import DlpError, require
-from .io import atomic_write_bytes
+from .rundir import atomic_write_bytes
 from .modeling import find_decoder_layers, prunable_linears
 from .projections import gathered, logical_shape, logical_weight
 from .report import layer_sparsity_from_modules

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import DlpError, require
-from .io import read_json
+from .rundir import read_json
 from .lora import attach_masks
 from .masks import MaskSet, model_fingerprint
 from .modeling import load_model_and_tokenizer, prunable_linears

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import DlpError, require
-from .io import atomic_dir, is_dlp_dir
+from .rundir import atomic_dir, is_dlp_dir
 from .projections import is_transposed
 
 DEMO_MODEL = "smollm2-135m"

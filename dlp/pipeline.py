@@ -40,7 +40,7 @@ from .errors import DlpError, require
 from .evaluate import perplexity
 from .finetune import train
 from .lora import check_lora_args, masked_lora_model
-from .io import (
+from .rundir import (
     NOT_RECIPE,
     TEMP_PREFIX,
     RunLock,
@@ -230,9 +230,9 @@ def _recipe(
 
 
 def _changes(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    """How ``recipe`` differs from a saved run's (:func:`dlp.io.recipe_changes`), plus a teacher the saved run had and
-    this one has not: its fields are recorded only when there is one, and ``recipe_changes`` compares the keys this
-    recipe records."""
+    """How ``recipe`` differs from a saved run's (:func:`dlp.rundir.recipe_changes`), plus a teacher the saved run
+    had and this one has not: its fields are recorded only when there is one, and ``recipe_changes`` compares the keys
+    this recipe records."""
     changed = recipe_changes(saved, recipe)
     if "distillation" in saved and "distillation" not in recipe:
         changed.append(f"teacher: {saved['distillation'].get('teacher')!r} → 'none'")

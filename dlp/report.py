@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .resources import resources_line
 from .report_schema import FinetuneReport, StageReport
 

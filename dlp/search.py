@@ -68,7 +68,7 @@ from .allocate import (
 from .criteria import get_criterion, row_drop_counts
 from .distill import Targets, support_kl
 from .errors import require
-from .io import atomic_write_json, claim_dir, read_json
+from .rundir import atomic_write_json, claim_dir, read_json
 from .modeling import find_decoder_layers, find_linears, prunable_linears
 from .process import cpu_has_bf16_matrix_units
 from .projections import logical_weight

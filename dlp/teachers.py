@@ -14,7 +14,7 @@ from typing import Any
 from .distill import CACHE_DIR, CachedTeacher, OnlineTeacher, build_teacher_cache, cache_complete, cache_key
 from .distributed import zero3_init_disabled
 from .finetune import training_windows
-from .io import read_json
+from .rundir import read_json
 from .modeling import load_model_and_tokenizer
 from .process import resolve_device
 from .quantize import bnb_config, keep_canonical_4bit_layout

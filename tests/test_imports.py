@@ -1,4 +1,4 @@
-"""The package's import graph has no cycle (``make lint`` runs this file).
+"""The package's import graph has no cycle, and no module hides a builtin (``make lint`` runs this file).
 
 A cycle is how a package loses its layers: two modules that import each other cannot be read, tested or moved one
 without the other, and their import order starts to matter. The graph is read from the source with ``ast`` (no
@@ -10,6 +10,8 @@ cycle from the interpreter, not from the reader), and an import of ``dlp.a.b`` c
 from __future__ import annotations
 
 import ast
+import builtins
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -87,6 +89,25 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph(PACKAGE))
     assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+def shadowing_names(package: Path) -> list[str]:
+    """Modules named like a builtin or a standard-library module (``slice``, ``io``): importing such a submodule
+    binds that name in its package's namespace, and a reader takes ``io.atomic_file`` for the standard library."""
+    taken = set(dir(builtins)) | set(sys.stdlib_module_names)
+    return sorted(name for name in module_files(package) if name.rsplit(".", 1)[-1] in taken)
+
+
+def test_no_module_is_named_like_a_builtin_or_the_standard_library():
+    assert shadowing_names(PACKAGE) == []
+
+
+def test_the_shadowing_check_finds_slice_and_io(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "stages").mkdir(parents=True)
+    for name in ("__init__.py", "io.py", "rundir.py", "stages/__init__.py", "stages/slice.py", "stages/cut.py"):
+        (package / name).write_text("")
+    assert shadowing_names(package) == ["pkg.io", "pkg.stages.slice"]
 
 
 def test_the_cycle_finder_finds_a_hand_made_cycle_and_a_deferred_import(tmp_path):

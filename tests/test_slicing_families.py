@@ -19,7 +19,7 @@ from conftest import save_tiny_model, tiny_config, tiny_tokenizer
 from dlp.errors import DlpError
 from dlp.export import export_model
 from dlp.slicing import check_sliceable_type, norm_scale, slice_model
-from dlp.stages.slice import SliceMethod
+from dlp.stages.slice_stage import SliceMethod
 from test_prune_lora import ENV
 from test_slicing import run_sliced_pipeline
 

@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, save_tiny_model, tiny_model
 from dlp.errors import DlpError, ResultCheckFailed
-from dlp.io import MARKER, TEMP_PREFIX, atomic_dir, claim_dir
+from dlp.rundir import MARKER, TEMP_PREFIX, atomic_dir, claim_dir
 from dlp.masks import MaskSet, model_fingerprint
 from dlp.modeling import prunable_linears
 from dlp.process import cpu_has_bf16_matrix_units
@@ -110,7 +110,7 @@ def test_a_resumed_run_removes_what_a_killed_export_left(pruned, tiny_args):
     resumed run finished. Here a process dies inside the atomic write of model/, as kill -9 would stop it."""
     (pruned / "report.json").unlink()  # the run is unfinished again
     die = (
-        "import os, sys; from pathlib import Path; from dlp.io import atomic_dir\n"
+        "import os, sys; from pathlib import Path; from dlp.rundir import atomic_dir\n"
         "with atomic_dir(Path(sys.argv[1]) / 'model') as tmp:\n"
         "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000); os._exit(9)\n"
     )
@@ -272,7 +272,7 @@ def test_explicit_list_is_its_own_target_and_is_met(tiny_args, tmp_path):
 
 
 def test_a_missed_target_fails_loudly_and_saves_nothing():
-    from dlp.stages.prune import check_overall_sparsity
+    from dlp.stages.prune_stage import check_overall_sparsity
 
     masks = MaskSet({"a": torch.tensor([[True, False], [False, False]])})  # 75% sparse
     assert check_overall_sparsity(masks, 0.7504) == 0.75

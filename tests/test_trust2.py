@@ -23,7 +23,7 @@ import torch
 
 from conftest import REPO, tiny_tokenizer
 from dlp.errors import DlpError
-from dlp.io import LOCK_FILE, RunLock, atomic_dir, atomic_write_bytes
+from dlp.rundir import LOCK_FILE, RunLock, atomic_dir, atomic_write_bytes
 from dlp.masks import MaskSet
 from test_cli import SCRIPT as PRUNE, _run
 from test_prune_lora import kill_when, write_recipe
@@ -156,10 +156,10 @@ def test_the_lock_is_reentrant_in_one_process_and_released_on_exit(tmp_path):
         with RunLock(tmp_path) as inner:  # a stage inside the pipeline's run, say
             inner.acquire()
         assert str(tmp_path.resolve()) in RunLock._held
-        probe = run("-c", f"from dlp.io import RunLock; RunLock({str(tmp_path)!r}).acquire()")
+        probe = run("-c", f"from dlp.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire()")
         assert probe.returncode == 1 and f"(pid {os.getpid()})" in probe.stderr
     assert str(tmp_path.resolve()) not in RunLock._held
-    assert run("-c", f"from dlp.io import RunLock; RunLock({str(tmp_path)!r}).acquire()").returncode == 0
+    assert run("-c", f"from dlp.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire()").returncode == 0
 
 
 # --- 3. an adapter is merged only with the masks it was trained on ----------------------------------------------------

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from conftest import REPO, save_tiny_model, tiny_model, tiny_tokenizer
 from dlp import modeling
 from dlp.errors import DlpError
-from dlp.io import MARKER
+from dlp.rundir import MARKER
 from dlp.masks import MaskSet, model_fingerprint, pack_bits
 from dlp.modeling import load_model_and_tokenizer, prunable_linears, resolve_model_dir
 

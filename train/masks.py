@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dlp.cli import one_line_parse_errors, run_cli  # noqa: E402
 from dlp.errors import require  # noqa: E402
-from dlp.io import atomic_dir, check_writable_dir  # noqa: E402
+from dlp.rundir import atomic_dir, check_writable_dir  # noqa: E402
 from dlp.masks import MaskSet, zero_fraction  # noqa: E402
 
 

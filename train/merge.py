@@ -24,7 +24,7 @@ from dlp.cli import run_cli  # noqa: E402
 from dlp.config import MERGE_BASES, parse_config, require_choice  # noqa: E402
 from dlp.data import load_training_windows  # noqa: E402
 from dlp.errors import require  # noqa: E402
-from dlp.io import check_writable_dir  # noqa: E402
+from dlp.rundir import check_writable_dir  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
 from dlp.export import export_model  # noqa: E402
 from dlp.merge import load_adapter_model, merge_masked  # noqa: E402

@@ -20,7 +20,7 @@ from dlp.config import (
     parse_config,
 )  # noqa: E402
 from dlp.modeling import DEMO_MODEL  # noqa: E402
-from dlp.stages.prune import run_prune  # noqa: E402
+from dlp.stages.prune_stage import run_prune  # noqa: E402
 from trl import ModelConfig  # noqa: E402  (after dlp, which quiets library noise at import)
 
 

@@ -23,7 +23,7 @@ from dlp.config import (  # noqa: E402
     parse_config,
 )
 from dlp.modeling import DEMO_MODEL  # noqa: E402
-from dlp.stages.slice import run_slice  # noqa: E402
+from dlp.stages.slice_stage import run_slice  # noqa: E402
 from trl import ModelConfig  # noqa: E402  (after dlp, which quiets library noise at import)
 
 

@@ -20,7 +20,7 @@ from ..config import CalibrationArguments, EvalArguments, RunArguments
 from ..data import check_source, load_calibration
 from ..errors import require
 from ..evaluate import perplexity
-from ..io import (
+from ..rundir import (
     RunLock,
     atomic_write_json,
     check_writable_dir,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CalibrationArguments, EvalArguments, RunArguments, SliceArguments
-from ..io import atomic_write_json, read_json
+from ..rundir import atomic_write_json, read_json
 from ..export import export_model
 from ..merge import MERGE_TOLERANCE
 from ..modeling import find_decoder_layers

@@ -1,4 +1,4 @@
-"""Atomic writes and the ownership of output directories.
+"""The run directory: who owns it, one run at a time in it, and artifacts that appear complete or not at all.
 
 Every artifact appears complete or not at all: it is written to a temporary beside its final path (named with
 :data:`TEMP_PREFIX`) and renamed into place. A process killed mid-write leaves only such a temporary, which the

@@ -21,7 +21,7 @@ from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArg
 from ..criteria import PruneSpec, get_criterion, parse_pattern
 from ..errors import ResultCheckFailed, require
 from ..evaluate import zero_shot
-from ..io import NOT_RECIPE, atomic_dir
+from ..rundir import NOT_RECIPE, atomic_dir
 from ..masks import MaskSet, model_fingerprint
 from ..modeling import find_decoder_layers, prunable_linears
 from ..preflight import ModelPlan, check_lengths, check_masks_fit, check_pattern_fits, inspect_model
