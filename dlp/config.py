@@ -287,8 +287,58 @@ class EvalArguments:
         return self.eval_max_windows or None
 
 
+EXPORT_FORMATS = ("dense", "compressed", "both")
+EXPORT_VALUES = ("model", "int8", "nf4")
+EXPORT_GROUP_SIZES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
 @dataclass
-class FinetuneArguments:
+class ExportArguments:
+    """What a pruned model is exported as: dense (zeros included: loads anywhere, the same size as the original),
+    compressed (mask bits + kept values: a fraction of the size, and a faster CPU decode), or both. A sliced model
+    is smaller already and is exported dense only."""
+
+    export_format: str = field(
+        default="both",
+        metadata={
+            "help": "dense (model/), compressed (model-compressed/: mask bits + kept values, loads with "
+            "trust_remote_code=True) or both (the default: the dense copy loads anywhere, the compressed one is "
+            "small and decodes faster on a CPU)."
+        },
+    )
+    export_values: str = field(
+        default="model",
+        metadata={
+            "help": "Kept values of the compressed export: model (its dtype: reloads bitwise equal to the dense "
+            "export), int8 or nf4 (bitsandbytes' quantizers, one step per group of columns)."
+        },
+    )
+    export_group_size: int = field(
+        default=128,
+        metadata={"help": "Columns per quantization step (int8, nf4): 32 to 4096, a power of 2; int8 also 0 (a row)."},
+    )
+
+    def __post_init__(self) -> None:
+        require_choice("export_format", self.export_format, EXPORT_FORMATS)
+        require_choice("export_values", self.export_values, EXPORT_VALUES)
+        sizes = EXPORT_GROUP_SIZES if self.export_values != "nf4" else EXPORT_GROUP_SIZES[1:]
+        require(
+            self.export_group_size in sizes,
+            f"export_group_size must be one of {', '.join(map(str, sizes))} for {self.export_values} values "
+            f"(got {self.export_group_size})",
+        )
+
+    @property
+    def dense(self) -> bool:
+        return self.export_format in ("dense", "both")
+
+    @property
+    def compressed(self) -> bool:
+        return self.export_format in ("compressed", "both")
+
+
+@dataclass
+class FinetuneArguments(ExportArguments):
     """The fine-tuning data and what the prune-then-finetune pipeline keeps (training itself: trl's SFTConfig)."""
 
     method: str = field(
@@ -341,6 +391,7 @@ class FinetuneArguments:
     wait_for_lock: bool = field(default=False, metadata={"help": WAIT_FOR_LOCK_HELP})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
         require_choice("merge_base", self.merge_base, MERGE_BASES)
         require(

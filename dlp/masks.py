@@ -31,6 +31,7 @@ from .rundir import atomic_write_bytes
 from .modeling import find_decoder_layers, prunable_linears
 from .projections import gathered, logical_shape, logical_weight
 from .report import layer_sparsity_from_modules
+from .tensorfile import header_bytes
 
 FORMAT = "dlp-masks/1"
 # Recorded (allocated) and measured per-layer sparsities differ only by each module's rounding to whole weights
@@ -262,21 +263,10 @@ def _check_metadata(path: Path, meta: dict[str, str], force: bool) -> str:
 
 
 def safetensors_bytes(tensors: dict[str, bytes], metadata: dict[str, str]) -> bytes:
-    """A safetensors file of 1-D uint8 tensors, byte for byte determined by its inputs.
-
-    ``safetensors.save_file`` keeps the metadata in a hash map, so the header's key order (and the file's SHA-256)
-    changes from process to process. Here the header is JSON with sorted keys and the tensors follow in name
-    order: the format's own layout (8-byte little-endian header size, header padded with spaces to a multiple of
-    8, then the data), which ``safe_open`` reads like any other safetensors file."""
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for name in sorted(tensors):
-        size = len(tensors[name])
-        header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded + b"".join(tensors[name] for name in sorted(tensors))
+    """A safetensors file of 1-D uint8 tensors, byte for byte determined by its inputs (:mod:`dlp.tensorfile`'s
+    layout: sorted header, data in name order)."""
+    entries = [(name, "U8", [len(data)], len(data)) for name, data in tensors.items()]
+    return header_bytes(entries, metadata) + b"".join(tensors[name] for name in sorted(tensors))
 
 
 def model_fingerprint(model: nn.Module, linears: dict[str, nn.Module] | None = None) -> dict[str, Any]:

@@ -211,7 +211,7 @@ def load_model_and_tokenizer(
 ):
     """Load a causal LM and its tokenizer; the model stays on CPU (the sweep moves layers), except that a 4-bit
     model (``quantization_config``) is quantized straight onto this process's GPU when there is one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import sliced  # noqa: F401  (registers dlp's sliced architectures with the Auto classes)
 
@@ -224,7 +224,7 @@ def load_model_and_tokenizer(
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        lm = _from_pretrained_with_attention_fallback(AutoModelForCausalLM, path, kwargs)
+        lm = _load_causal_lm(path, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise DlpError(f"model: cannot load {model!r} (offline, or not a model id/dir?): {str(exc).splitlines()[0]}")
@@ -242,6 +242,23 @@ def load_model_and_tokenizer(
     lm.eval()
     lm.config.use_cache = False
     return lm, tokenizer
+
+
+def _load_causal_lm(path: str, kwargs: dict):
+    """A model directory or id through transformers; a dlp compressed export decompressed into its architecture's
+    own model (dlp compresses, prunes and trains dense weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from .compressed import is_compressed_checkpoint, load_compressed  # (torch-only files, no dlp imports)
+
+    if is_compressed_checkpoint(path):
+        require(
+            "quantization_config" not in kwargs,
+            f"model: {path} is a compressed export; load_in_4bit needs a "
+            "dense one (its model/ directory, or train/compress.py's input)",
+        )
+        return load_compressed(path, "dense", **kwargs)
+    return _from_pretrained_with_attention_fallback(AutoModelForCausalLM, path, kwargs)
 
 
 def _from_pretrained_with_attention_fallback(auto_class, path: str, kwargs: dict):

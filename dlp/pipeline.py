@@ -7,7 +7,9 @@ Layout of ``output_dir`` (each artifact is written atomically; its presence mark
   script reused (``prune_dir``, ``slice_dir``);
 * ``finetune/checkpoint-N``: trainer checkpoints, resumed from after an interruption;
 * ``adapter/``: the trained mask-exact LoRA adapter and its training log;
-* ``model/`` then ``merge.json``: the merged sparse model (loads with plain transformers) and its masks;
+* ``model/`` then ``merge.json``: the merged sparse model (loads with plain transformers) and its masks; with
+  ``export_format: both`` (the default) also ``model-compressed/``, the same model as mask bits plus kept values
+  (:mod:`dlp.compress`; loads with ``trust_remote_code=True``); with ``compressed``, ``model/`` is that one;
 * ``eval.json``: perplexity of the exported model, reloaded without dlp;
 * ``report.json``, ``summary.md``, ``sparsity.png``, ``loss.png`` and the model card ``model/README.md``;
   ``report.json`` comes last and marks the whole run finished.
@@ -59,7 +61,9 @@ from .merge import (
     load_adapter_model,
     merge_masked,
 )
-from .export import export_model, export_quantized
+from .compress import compressed_dir, export_formats
+from .compressed import is_compressed_checkpoint
+from .export import export_quantized
 from .modeling import load_model_and_tokenizer
 from .preflight import ModelPlan, check_lora_targets, check_teacher
 from .process import resolve_device, seed_all, setup
@@ -187,6 +191,14 @@ def _check_training_settings(model_args, method: CompressionMethod, eval_args, f
         not (model_args.load_in_4bit and zero3_enabled()),
         "load_in_4bit is not supported under ZeRO-3 here; "
         "train QLoRA with accelerate_configs/ddp.yaml or deepspeed_zero2.yaml",
+    )
+    require(
+        ft_args.export_format != "compressed" or method.compressible,
+        f"export_format: compressed needs masks (method prune); method {method.name}'s model is exported dense",
+    )
+    require(
+        not (ft_args.export_4bit and ft_args.export_format == "compressed"),
+        "export_4bit re-quantizes the dense export: set export_format to both (or dense) with it",
     )
     if model_args.load_in_4bit and not method.supports_4bit:
         from .stages import METHODS
@@ -392,7 +404,7 @@ def _merge_export_evaluate(
                 )
             merged, check = merge_masked(peft_model, masks, probe, method.merge_tolerance)
         with timed(parts, "export"):
-            export_model(merged, tokenizer, masks, out / "model")
+            export_formats(merged, tokenizer, masks, out / "model", ft_args)
         merge_info = {**check.to_dict(), "merge_base": ft_args.merge_base, "seconds": parts["merge_s"]}
         merge_info["export_seconds"] = parts["export_s"]
         atomic_write_json(out / "merge.json", merge_info)  # after the export: both are done once it exists
@@ -436,10 +448,12 @@ def _evaluate_export(
 
     def measure(model_dir: Path, quantization=None):
         extra = {"quantization_config": quantization} if quantization is not None else {}  # None would undo a
+        if is_compressed_checkpoint(model_dir):  # saved 4-bit config
+            extra["compressed_mode"] = "dense"  # its remote code decompresses it into the architecture's model
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
-            dtype="float32",  # saved 4-bit config
-            trust_remote_code=method.trust_remote_code,
+            dtype="float32",
+            trust_remote_code=method.trust_remote_code or "compressed_mode" in extra,
             **extra,
         ).eval()
         keep_canonical_4bit_layout(model)  # a 4-bit export would otherwise be repacked on AVX512-BF16 CPUs
@@ -462,6 +476,9 @@ def _evaluate_export(
     if model_args.load_in_4bit:
         evaluation["perplexity"]["pruned_4bit"] = measure(stage_dir / "model", bnb_config(model_args))[1].to_dict()
     evaluation["perplexity"]["finetuned"] = ppl.to_dict()
+    if ft_args.export_format == "both" and ft_args.export_values != "model" and masks is not None:
+        model, ppl = measure(compressed_dir(out / "model"))  # quantized values: its own perplexity
+        evaluation["perplexity"][f"finetuned_{ft_args.export_values}"] = ppl.to_dict()
     if ft_args.export_4bit:
         model, ppl = measure(out / "model-4bit")
         evaluation["perplexity"]["finetuned_4bit"] = ppl.to_dict()

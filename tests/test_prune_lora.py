@@ -94,6 +94,9 @@ def test_pipeline_writes_every_artifact_and_a_consistent_report(reference_run):
         "model/config.json",
         "model/README.md",
         "model/masks.safetensors",
+        "model-compressed/model.safetensors",  # export_format both (the default): mask bits + kept values
+        "model-compressed/modeling_compressed.py",
+        "model-compressed/sparse_kernel.py",
         "report.json",
         "summary.md",
         "sparsity.png",
@@ -138,6 +141,17 @@ def test_export_obeys_the_masks_and_reloads_without_dlp(reference_run):
     # the same logits from the adapter model built by dlp (the merge is exact)
     from dlp.merge import load_adapter_model
 
+    # the compressed export decompresses, without dlp, into the same weights
+    code = (
+        "import sys; sys.modules['dlp'] = None; import torch; from transformers import AutoModelForCausalLM as M; "
+        f"c = M.from_pretrained({str(reference_run / 'model-compressed')!r}, trust_remote_code=True, "
+        "compressed_mode='dense'); "
+        f"d = M.from_pretrained({str(reference_run / 'model')!r}); "
+        "a, b = c.state_dict(), d.state_dict(); assert a.keys() == b.keys(); "
+        "assert all(torch.equal(a[k], b[k]) for k in a)"
+    )
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
     model, _ = load_adapter_model(reference_run / "prune" / "model", reference_run / "adapter", masks)
     with torch.no_grad():
         adapter_logits = model.eval()(input_ids=torch.arange(40).view(2, 20) % 128).logits
@@ -167,6 +181,10 @@ def test_standalone_merge_script_reproduces_the_export(reference_run, tmp_path):
     assert "0 nonzero pruned weights" in result.stdout
     ours, theirs = load_file(str(tmp_path / "merged" / "model.safetensors")), merged_weights(reference_run)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    compressed = "model-compressed/model.safetensors"
+    assert (tmp_path / "merged-compressed" / "model.safetensors").read_bytes() == (
+        reference_run / compressed
+    ).read_bytes()
 
 
 def test_reusing_the_prune_stage_trains_the_same_adapter_bit_for_bit(reference_run, tmp_path):

@@ -4,7 +4,9 @@
         --output_dir merged/
 
 The result is W' = (W + s·B·A) ⊙ M for every adapted projection: pruned weights stay exactly zero (a plain peft
-``merge_and_unload`` would fill them in). The output loads with ``AutoModelForCausalLM.from_pretrained``.
+``merge_and_unload`` would fill them in). The output loads with ``AutoModelForCausalLM.from_pretrained``; with
+``--export_format both`` (the default) a compressed copy (mask bits + kept values, ``trust_remote_code=True``) goes
+to ``OUTPUT_DIR-compressed``, with ``compressed`` it is the output itself.
 
 An adapter trained on a 4-bit base (QLoRA) merges into the full-precision pruned weights by default
 (``--merge_base full``: no quantization error in the exported weights); ``--merge_base dequantized`` merges
@@ -21,12 +23,12 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, too
 
 from dlp.cli import run_cli  # noqa: E402
-from dlp.config import MERGE_BASES, parse_config, require_choice  # noqa: E402
+from dlp.compress import compressed_dir, export_formats  # noqa: E402
+from dlp.config import MERGE_BASES, ExportArguments, parse_config, require_choice  # noqa: E402
 from dlp.data import load_training_windows  # noqa: E402
 from dlp.errors import require  # noqa: E402
 from dlp.rundir import check_writable_dir  # noqa: E402
 from dlp.masks import MaskSet  # noqa: E402
-from dlp.export import export_model  # noqa: E402
 from dlp.merge import load_adapter_model, merge_masked  # noqa: E402
 
 
@@ -64,8 +66,10 @@ class MergeArguments:
 
 
 def main(argv: list[str] | None = None):
-    (args,) = parse_config([MergeArguments], argv)
+    args, export = parse_config([MergeArguments, ExportArguments], argv)
     check_writable_dir(args.output_dir)  # before anything is loaded: never a directory of the user's
+    if export.export_format == "both":
+        check_writable_dir(str(compressed_dir(args.output_dir.rstrip("/"))))
     masks_path = args.masks or os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "masks.safetensors")
     require(os.path.isfile(masks_path), f"masks: file not found: {masks_path} (pass --masks)")
     masks = MaskSet.load(masks_path, force=args.force)
@@ -74,9 +78,9 @@ def main(argv: list[str] | None = None):
     )
     probe = load_training_windows(tokenizer, args.probe_data, 128, max_windows=2) if args.probe_data else None
     merged, check = merge_masked(model, masks, probe)
-    export_model(merged, tokenizer, masks, args.output_dir)
+    written = export_formats(merged, tokenizer, masks, args.output_dir.rstrip("/"), export)
     print(
-        f"[dlp] merged {check.lora_layers} mask-exact LoRA layers into {args.output_dir}: "
+        f"[dlp] merged {check.lora_layers} mask-exact LoRA layers into {', '.join(map(str, written))}: "
         f"{check.violations} nonzero pruned weights, max |Δlogit| {check.max_logit_diff}"
     )
     return check

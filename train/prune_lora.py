@@ -49,9 +49,19 @@ def main(argv: list[str] | None = None) -> dict:
     ppl = " → ".join(f"{name} {entry['value']:.2f}" for name, entry in report["perplexity"].items() if entry)
     method = METHODS[report["method"]]
     print(f"[dlp] {method.headline(report)} | perplexity {ppl}")
-    loads = "trust_remote_code=True" if method.trust_remote_code else "loads with transformers"
-    print(f"[dlp] results in {sft_args.output_dir}: model/ (merged, {loads}), report.json, summary.md")
+    print(f"[dlp] results in {sft_args.output_dir}: {', '.join(_exports(method, ft_args))}, report.json, summary.md")
     return report
+
+
+def _exports(method, ft_args) -> list[str]:
+    """The result line's export directories, each with how it loads."""
+    if not (method.compressible and ft_args.compressed):
+        loads = "trust_remote_code=True" if method.trust_remote_code else "loads with transformers"
+        return [f"model/ (merged, {loads})"]
+    compressed = "mask bits + kept values, trust_remote_code=True"
+    if not ft_args.dense:
+        return [f"model/ (merged, {compressed})"]
+    return ["model/ (merged, loads with transformers)", f"model-compressed/ ({compressed})"]
 
 
 if __name__ == "__main__":

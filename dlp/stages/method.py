@@ -35,6 +35,7 @@ class CompressionMethod:
     script: str  # the method's own entry script, e.g. train/prune.py
     reuse_field: str | None = None  # FinetuneArguments field naming a finished run of ``script`` to reuse
     trust_remote_code: bool = False  # the exported model ships its own modeling file
+    compressible: bool = False  # its model has masks, so it has a compressed export (mask bits + kept values)
     supports_4bit: bool = False  # whether its compressed model can be a 4-bit (QLoRA) base
     stage_view: View = GENERIC_VIEW  # how its stage's summary.md and plot are drawn
     card_view: View = GENERIC_VIEW  # how the fine-tuned model's card and plot are drawn

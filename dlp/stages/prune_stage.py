@@ -260,6 +260,7 @@ class PruneMethod(CompressionMethod):
     arguments = PruneArguments
     report_type = PruneReport
     script = "train/prune.py"
+    compressible = True
     stage_view = PRUNE_STAGE_VIEW
     card_view = PRUNE_CARD_VIEW
     reuse_field = "prune_dir"
