@@ -51,8 +51,8 @@ def test_the_format_on_a_hand_made_weight():
     assert stored["mask"].tolist() == [0b10000001, 0b10010000, 0b00010000]
     assert stored["values"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0] and spec == {"shape": [2, 10], "values": "float32"}
     assert torch.equal(mc.dense_weight(stored, spec, torch.float32), weight)
-    # the kernel's rows start on a byte: row 2's bits are repacked
-    assert mc.row_bits(stored["mask"], (2, 10)).tolist() == [[0b10000001, 0b10000000], [0b01000000, 0b01000000]]
+    # the kernel's rows start on a byte, least significant bit first: row 2's bits are repacked
+    assert mc.row_bits(stored["mask"], (2, 10)).tolist() == [[0b10000001, 0b00000001], [0b00000010, 0b00000010]]
 
 
 def test_nf4_codes_are_packed_low_nibble_first_and_decode_through_the_codebook():

@@ -60,14 +60,11 @@ def _say_once(message: str) -> None:
 
 
 def row_bits(flat_bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The file's flattened mask bits → uint8 [out, ceil(in / 8)], each row starting on a byte (what the kernel
-    reads; the same bytes when ``in`` is a multiple of 8)."""
+    """The file's flattened mask bits → uint8 [out, ceil(in / 8)] as the kernel reads them: each row starting on a
+    byte, column j of a byte in bit j (least significant first, as the kernel's tables are indexed)."""
     out, inn = shape
-    stride = (inn + 7) // 8
-    if inn % 8 == 0:
-        return flat_bits[: out * stride].reshape(out, stride).contiguous()
     mask = np.unpackbits(flat_bits.numpy(), count=out * inn).reshape(out, inn)
-    return torch.from_numpy(np.packbits(mask, axis=1))
+    return torch.from_numpy(np.packbits(mask, axis=1, bitorder="little"))
 
 
 def unpack_mask(flat_bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -151,7 +148,7 @@ class SparseLinear(nn.Module):
         return dense[:, : self.in_features].to(dtype)
 
     def _flat_bits(self) -> torch.Tensor:
-        mask = np.unpackbits(self.bits.numpy(), axis=1)[:, : self.in_features]
+        mask = np.unpackbits(self.bits.numpy(), axis=1, bitorder="little")[:, : self.in_features]
         return torch.from_numpy(np.packbits(mask.reshape(-1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

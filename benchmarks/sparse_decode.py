@@ -1,0 +1,337 @@
+"""Compressed exports (mask bits + kept values) against dense ones: size, memory and CPU decode speed, side by side.
+
+    python benchmarks/sparse_decode.py [--smollm2 RUN/model] [--sparsities 0.5,0.6,0.7,0.8] [--tokens 32]
+        [--dtypes float32,bfloat16] [--repeats 3] [--out benchmarks/results/sparse_decode.json]
+
+Three parts, each timing dense and compressed in turns (dense, compressed, dense, ...) in one process with the same
+threads, after a warm-up, and reporting medians, so a noisy machine slows both alike:
+
+1. **Per projection**: one token through every projection shape of a 1B Llama (hidden 2048, intermediate 5632,
+   4 KV heads: TinyLlama's shape) at each sparsity: dense ``F.linear``, dlp's kernel, and torch's CSR matmul.
+2. **1B decode**: a random-weight Llama of that shape (22 layers), pruned at random to each sparsity in each value
+   dtype, exported compressed and reloaded through its own loader (``SparseLinear``); greedy generation of
+   ``--tokens`` tokens after a 32-token prompt: first-token latency, decode tokens/s, resident memory added by
+   loading each model, file size, and whether the generated tokens are identical.
+3. **SmolLM2** (``--smollm2``: a dense dlp export with its masks, e.g. ``train/prune.py``'s 70% DLP ``model/``):
+   the same measurements on the real model and real prompts.
+
+Sizes: the pruned projections' stored bytes against the same projections dense in bf16 (the physical limit at
+70% with bf16 values is 0.3 + 1/16 = 0.3625), and the weight file against the dense model's in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dlp.compress import checkpoint_sizes, compress_projection, export_compressed  # noqa: E402
+from dlp.compressed import SparseLinear, load_compressed  # noqa: E402
+from dlp.masks import MaskSet  # noqa: E402
+from dlp.modeling import prunable_linears  # noqa: E402
+from dlp.rundir import atomic_write_json  # noqa: E402
+
+SHAPES_1B = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
+PROMPTS = [
+    "The history of the Roman Empire",
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short poem about the sea.",
+]
+
+
+def cpu_line() -> str:
+    """The CPU as lscpu names it, with the vector extensions that matter here."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), []))
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {torch.get_num_threads()} threads, {' '.join(have) or 'no AVX2'}"
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turns after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@torch.no_grad()
+def projections(sparsities: list[float], dtypes: list[torch.dtype], repeats: int) -> list[dict]:
+    rows = []
+    for label, (out, inn) in SHAPES_1B.items():
+        for sparsity in sparsities:
+            g = torch.Generator().manual_seed(0)
+            weight = torch.randn(out, inn, generator=g) * 0.02
+            mask = torch.rand(out, inn, generator=g) >= sparsity
+            for dtype in dtypes:
+                dense = (weight * mask).to(dtype)
+                layer = SparseLinear(*compress_projection(dense, mask, "model", 0), None, dtype)
+                csr = dense.float().to_sparse_csr() if dtype == torch.float32 else None
+                x = torch.randn(1, inn).to(dtype)
+                fns = {"dense": lambda: F.linear(x, dense), "dlp": lambda: layer(x)}
+                if csr is not None:
+                    xt = x.float().t().contiguous()
+                    fns["csr"] = lambda: torch.sparse.mm(csr, xt)
+                seconds = interleaved(fns, repeats * 5, inner=20)
+                row = {"shape": label, "out": out, "in": inn, "sparsity": sparsity, "dtype": str(dtype)[6:]}
+                row.update({f"{k}_us": 1e6 * v for k, v in seconds.items()})
+                row["speedup"] = seconds["dense"] / seconds["dlp"]
+                if "csr" in seconds:
+                    row["csr_speedup"] = seconds["dense"] / seconds["csr"]
+                rows.append(row)
+                print(
+                    f"  {label:14s} {out}x{inn} {100 * sparsity:.0f}% {row['dtype']:8s} dense {row['dense_us']:8.1f} us"
+                    f"  dlp {row['dlp_us']:8.1f} us ({row['speedup']:.2f}x)"
+                    + (f"  csr {row['csr_us']:8.1f} us ({row['csr_speedup']:.2f}x)" if csr is not None else ""),
+                    flush=True,
+                )
+    return rows
+
+
+def llama_1b(dtype: torch.dtype, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)  # transformers' own initialisation (normal, std 0.02)
+    return model.to(dtype).eval()
+
+
+def random_masks(model, sparsity: float) -> MaskSet:
+    g = torch.Generator().manual_seed(1)
+    masks = {name: torch.rand(m.weight.shape, generator=g) >= sparsity for name, m in prunable_linears(model).items()}
+    mask_set = MaskSet(masks, {"model": "random 1B llama"})
+    mask_set.apply(model)
+    return mask_set
+
+
+def dense_sizes(model) -> dict:
+    projections = sum(m.weight.numel() for m in prunable_linears(model).values())
+    everything = sum(t.numel() for t in model.state_dict().values())
+    return {"projection_bf16_bytes": 2 * projections, "model_bf16_bytes": 2 * everything}
+
+
+@torch.no_grad()
+def decode(dense, sparse, prompts: list[torch.Tensor], tokens: int, repeats: int) -> dict:
+    """First-token latency and decode tokens/s of both models, in turns, and whether their tokens agree."""
+
+    def generate(model, ids, count):
+        return model.generate(
+            ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0, use_cache=True
+        )
+
+    same = all(torch.equal(generate(dense, ids, tokens), generate(sparse, ids, tokens)) for ids in prompts)
+    result = {"identical_tokens": same}
+    models = {"dense": dense, "compressed": sparse}
+    first = interleaved({k: (lambda m=m: [generate(m, ids, 1) for ids in prompts]) for k, m in models.items()}, repeats)
+    whole = interleaved(
+        {k: (lambda m=m: [generate(m, ids, tokens) for ids in prompts]) for k, m in models.items()}, repeats
+    )
+    for name in models:
+        result[f"{name}_first_token_s"] = first[name] / len(prompts)
+        result[f"{name}_tokens_per_s"] = (tokens - 1) * len(prompts) / (whole[name] - first[name])
+    result["decode_speedup"] = result["compressed_tokens_per_s"] / result["dense_tokens_per_s"]
+    return result
+
+
+def bench_1b(sparsities, dtypes, tokens, repeats, layers, workdir: Path) -> list[dict]:
+    rows = []
+    prompts = [torch.randint(1, 32000, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for dtype in dtypes:
+        for sparsity in sparsities:
+            gc.collect()
+            before = rss_mib()
+            target = workdir / f"c-{sparsity}-{dtype}"
+            dense = llama_1b(dtype, layers)
+            masks = random_masks(dense, sparsity)
+            export_compressed(dense, _NoTokenizer(), masks, target)
+            dense_mib = rss_mib() - before
+            before = rss_mib()
+            sparse = load_compressed(target, "sparse")
+            sparse_mib = rss_mib() - before
+            row = {"model": f"random Llama 1B shape, {layers} layers", "sparsity": sparsity, "dtype": str(dtype)[6:]}
+            row.update(_sizes(dense, target))
+            row.update(dense_rss_mib=dense_mib, compressed_rss_mib=sparse_mib)
+            row.update(decode(dense, sparse, prompts, tokens, repeats))
+            rows.append(row)
+            _print_row(row)
+            del dense, sparse, masks
+            _remove(target)
+    return rows
+
+
+class _NoTokenizer:
+    """A random-weight model has no tokenizer to save."""
+
+    def save_pretrained(self, path) -> None:
+        pass
+
+
+def _sizes(dense, target: Path) -> dict:
+    sizes = checkpoint_sizes(target)
+    reference = dense_sizes(dense)
+    return {
+        "file_mb": sizes["file_bytes"] / 1e6,
+        "dense_bf16_file_mb": reference["model_bf16_bytes"] / 1e6,
+        "projection_ratio_vs_bf16": sizes["projection_bytes"] / reference["projection_bf16_bytes"],
+        "file_ratio_vs_bf16": sizes["file_bytes"] / reference["model_bf16_bytes"],
+    }
+
+
+def _print_row(row: dict) -> None:
+    print(
+        f"  {row['model']} {100 * row['sparsity']:.0f}% {row['dtype']}: decode {row['dense_tokens_per_s']:.2f} → "
+        f"{row['compressed_tokens_per_s']:.2f} tok/s ({row['decode_speedup']:.2f}x), first token "
+        f"{row['dense_first_token_s']:.3f} → {row['compressed_first_token_s']:.3f} s, RSS "
+        f"{row['dense_rss_mib']:.0f} → {row['compressed_rss_mib']:.0f} MiB, projections "
+        f"{row['projection_ratio_vs_bf16']:.3f}x bf16, file {row['file_mb']:.0f} MB "
+        f"({row['file_ratio_vs_bf16']:.3f}x bf16), identical tokens: {row['identical_tokens']}",
+        flush=True,
+    )
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bench_smollm2(model_dir: str, dtypes, tokens, repeats, workdir: Path) -> list[dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inside = Path(model_dir) / "masks.safetensors"  # a pipeline export; train/prune.py keeps them beside model/
+    masks = MaskSet.load(inside if inside.is_file() else Path(model_dir).parent / "masks.safetensors")
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt")
+        for p in PROMPTS
+    ]
+    prompts = [p["input_ids"] if not torch.is_tensor(p) else p for p in prompts]
+    rows = []
+    for dtype in dtypes:
+        gc.collect()
+        before = rss_mib()
+        dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        dense_mib = rss_mib() - before
+        target = workdir / f"smollm2-{dtype}"
+        export_compressed(dense, tokenizer, masks, target)
+        before = rss_mib()
+        sparse = load_compressed(target, "sparse")
+        sparse_mib = rss_mib() - before
+        row = {"model": "SmolLM2-135M 70% DLP", "sparsity": masks.sparsity_report()["overall"], "dtype": str(dtype)[6:]}
+        row.update(_sizes(dense, target))
+        row.update(dense_rss_mib=dense_mib, compressed_rss_mib=sparse_mib)
+        row.update(decode(dense, sparse, prompts, tokens, repeats))
+        row["per_token_overhead_ms"] = _overhead_ms(sparse, prompts[0])
+        rows.append(row)
+        _print_row(row)
+        print(f"    SparseLinear per-call overhead: {row['per_token_overhead_ms']:.2f} ms per token", flush=True)
+        del dense, sparse
+        _remove(target)
+    return rows
+
+
+@torch.no_grad()
+def _overhead_ms(model, ids) -> float:
+    """What SparseLinear's Python around the kernel costs per token: its layers timed with the kernel call
+    replaced by a preallocated result (same conversions, padding and reshapes)."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    x = {id(layer): torch.randn(1, 1, layer.in_features, dtype=layer.dtype) for layer in layers}
+    full = median_time(lambda: [layer(x[id(layer)]) for layer in layers], 5)
+    kernel = layers[0]._kernel()
+    calls = [
+        (layer, x[id(layer)].reshape(1, -1).float().contiguous()) for layer in layers if layer.in_features % 8 == 0
+    ]
+    only = median_time(
+        lambda: [
+            kernel.sparse_matmul(
+                flat,
+                layer.bits,
+                layer.row_ptr,
+                layer.values,
+                layer.kind,
+                layer.codebook,
+                layer.scales,
+                layer.group_size,
+            )
+            for layer, flat in calls
+        ],
+        5,
+    )
+    return 1e3 * (full - only)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", help="a dense dlp export with masks.safetensors (the 70%% DLP SmolLM2 model/)")
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=22, help="decoder layers of the 1B model")
+    parser.add_argument("--parts", default="projections,1b,smollm2")
+    parser.add_argument("--out", default="benchmarks/results/sparse_decode.json")
+    args = parser.parse_args()
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    parts = args.parts.split(",")
+    result: dict = {"cpu": cpu_line(), "tokens": args.tokens}
+    print(f"[bench] {result['cpu']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="sparse-decode-", dir="/tmp") as work:
+        if "projections" in parts:
+            print("[bench] one token through each 1B projection", flush=True)
+            result["projections"] = projections(sparsities, dtypes, args.repeats)
+        if "1b" in parts:
+            print(f"[bench] 1B decode, {args.tokens} tokens", flush=True)
+            result["decode_1b"] = bench_1b(sparsities, dtypes, args.tokens, args.repeats, args.layers, Path(work))
+        if "smollm2" in parts and args.smollm2:
+            print(f"[bench] SmolLM2 decode, {args.tokens} tokens", flush=True)
+            result["decode_smollm2"] = bench_smollm2(args.smollm2, dtypes, args.tokens, args.repeats, Path(work))
+    atomic_write_json(args.out, result)
+    print(f"[bench] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
