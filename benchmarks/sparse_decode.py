@@ -10,10 +10,15 @@ threads, after a warm-up, and reporting medians, so a noisy machine slows both a
    4 KV heads: TinyLlama's shape) at each sparsity: dense ``F.linear``, dlp's kernel, and torch's CSR matmul.
 2. **1B decode**: a random-weight Llama of that shape (22 layers), pruned at random to each sparsity in each value
    dtype, exported compressed and reloaded through its own loader (``SparseLinear``); greedy generation of
-   ``--tokens`` tokens after a 32-token prompt: first-token latency, decode tokens/s, resident memory added by
-   loading each model, file size, and whether the generated tokens are identical.
+   ``--tokens`` tokens after a 32-token prompt: first-token latency, decode tokens/s, memory (the bytes of each
+   model's tensors, and how much the resident set grew by loading it and generating two tokens, so weights read
+   lazily from a memory-mapped file count), file size, and whether the generated tokens are identical.
 3. **SmolLM2** (``--smollm2``: a dense dlp export with its masks, e.g. ``train/prune.py``'s 70% DLP ``model/``):
    the same measurements on the real model and real prompts.
+
+4. **Quality** (``--smollm2``, part ``quality``): WikiText-2 test perplexity (64 windows of 512 tokens, dlp's
+   protocol) of the dense export and of the compressed exports with model-dtype, int8, int4 and NF4 values, each
+   reloaded decompressed through its own loader, with its size.
 
 Sizes: the pruned projections' stored bytes against the same projections dense in bf16 (the physical limit at
 70% with bf16 values is 0.3 + 1/16 = 0.3625), and the weight file against the dense model's in bf16.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import subprocess
 import sys
@@ -63,6 +69,26 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+@torch.no_grad()
+def resident(load, prompt: torch.Tensor):
+    """(model, MiB the process's resident set grew by, MiB of its tensors) for loading the model and generating
+    two tokens with it, so that weights read lazily from a memory-mapped file count once they are used."""
+    gc.collect()
+    before = rss_mib()
+    model = load()
+    model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    return model, rss_mib() - before, tensor_mib(model)
+
+
+def tensor_mib(model) -> float:
+    """The bytes of the model's parameters and buffers (each storage once): what it needs in memory."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
 
 
 def median_time(fn, repeats: int) -> float:
@@ -181,23 +207,20 @@ def bench_1b(sparsities, dtypes, tokens, repeats, layers, workdir: Path) -> list
     prompts = [torch.randint(1, 32000, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     for dtype in dtypes:
         for sparsity in sparsities:
-            gc.collect()
-            before = rss_mib()
             target = workdir / f"c-{sparsity}-{dtype}"
-            dense = llama_1b(dtype, layers)
-            masks = random_masks(dense, sparsity)
-            export_compressed(dense, _NoTokenizer(), masks, target)
-            dense_mib = rss_mib() - before
-            before = rss_mib()
-            sparse = load_compressed(target, "sparse")
-            sparse_mib = rss_mib() - before
+
+            dense, dense_mib, dense_tensors = resident(lambda: llama_1b(dtype, layers), prompts[0])
+            export_compressed(dense, _NoTokenizer(), random_masks(dense, sparsity), target)
+            gc.collect()
+            sparse, sparse_mib, sparse_tensors = resident(lambda: load_compressed(target, "sparse"), prompts[0])
             row = {"model": f"random Llama 1B shape, {layers} layers", "sparsity": sparsity, "dtype": str(dtype)[6:]}
             row.update(_sizes(dense, target))
             row.update(dense_rss_mib=dense_mib, compressed_rss_mib=sparse_mib)
+            row.update(dense_tensor_mib=dense_tensors, compressed_tensor_mib=sparse_tensors)
             row.update(decode(dense, sparse, prompts, tokens, repeats))
             rows.append(row)
             _print_row(row)
-            del dense, sparse, masks
+            del dense, sparse
             _remove(target)
     return rows
 
@@ -224,8 +247,9 @@ def _print_row(row: dict) -> None:
     print(
         f"  {row['model']} {100 * row['sparsity']:.0f}% {row['dtype']}: decode {row['dense_tokens_per_s']:.2f} → "
         f"{row['compressed_tokens_per_s']:.2f} tok/s ({row['decode_speedup']:.2f}x), first token "
-        f"{row['dense_first_token_s']:.3f} → {row['compressed_first_token_s']:.3f} s, RSS "
-        f"{row['dense_rss_mib']:.0f} → {row['compressed_rss_mib']:.0f} MiB, projections "
+        f"{row['dense_first_token_s']:.3f} → {row['compressed_first_token_s']:.3f} s, tensors "
+        f"{row['dense_tensor_mib']:.0f} → {row['compressed_tensor_mib']:.0f} MiB (RSS growth "
+        f"{row['dense_rss_mib']:.0f} → {row['compressed_rss_mib']:.0f}), projections "
         f"{row['projection_ratio_vs_bf16']:.3f}x bf16, file {row['file_mb']:.0f} MB "
         f"({row['file_ratio_vs_bf16']:.3f}x bf16), identical tokens: {row['identical_tokens']}",
         flush=True,
@@ -251,18 +275,18 @@ def bench_smollm2(model_dir: str, dtypes, tokens, repeats, workdir: Path) -> lis
     prompts = [p["input_ids"] if not torch.is_tensor(p) else p for p in prompts]
     rows = []
     for dtype in dtypes:
-        gc.collect()
-        before = rss_mib()
-        dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        dense_mib = rss_mib() - before
         target = workdir / f"smollm2-{dtype}"
+
+        dense, dense_mib, dense_tensors = resident(
+            lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval(), prompts[0]
+        )
         export_compressed(dense, tokenizer, masks, target)
-        before = rss_mib()
-        sparse = load_compressed(target, "sparse")
-        sparse_mib = rss_mib() - before
+        gc.collect()
+        sparse, sparse_mib, sparse_tensors = resident(lambda: load_compressed(target, "sparse"), prompts[0])
         row = {"model": "SmolLM2-135M 70% DLP", "sparsity": masks.sparsity_report()["overall"], "dtype": str(dtype)[6:]}
         row.update(_sizes(dense, target))
         row.update(dense_rss_mib=dense_mib, compressed_rss_mib=sparse_mib)
+        row.update(dense_tensor_mib=dense_tensors, compressed_tensor_mib=sparse_tensors)
         row.update(decode(dense, sparse, prompts, tokens, repeats))
         row["per_token_overhead_ms"] = _overhead_ms(sparse, prompts[0])
         rows.append(row)
@@ -303,6 +327,81 @@ def _overhead_ms(model, ids) -> float:
     return 1e3 * (full - only)
 
 
+def quality(model_dir: str, workdir: Path, group_size: int, values_list: list[str]) -> list[dict]:
+    """Perplexity of the dense export and of each compressed export, decompressed (the same numbers the sparse
+    model gives, up to float summation order), and the compressed exports' sizes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dlp.evaluate import perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inside = Path(model_dir) / "masks.safetensors"
+    masks = MaskSet.load(inside if inside.is_file() else Path(model_dir).parent / "masks.safetensors")
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = []
+    reference = None
+    for values in ("dense", *values_list):
+        if values == "dense":
+            model, sizes = dense, {}
+        else:
+            target = workdir / f"quality-{values}"
+            export_compressed(dense, tokenizer, masks, target, values, group_size)
+            model, sizes = load_compressed(target, "dense"), checkpoint_sizes(target)
+        ppl = perplexity(model, tokenizer, "builtin:wikitext2-test", seqlen=512, max_windows=64).value
+        reference = reference or ppl
+        row = {"values": values, "group_size": group_size if values not in ("dense", "model") else None, "ppl": ppl}
+        row["ppl_vs_dense"] = ppl / reference - 1
+        row.update({k: sizes[k] for k in ("projection_ratio", "file_bytes")} if sizes else {})
+        rows.append(row)
+        print(f"  {values:6s} perplexity {ppl:.3f} ({100 * row['ppl_vs_dense']:+.2f}% vs dense)", flush=True)
+        if values != "dense":
+            del model
+            _remove(target)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The tables of docs/results.md, from a result file (``--report``)."""
+    lines = [f"CPU: {result['cpu']}; greedy decode of {result['tokens']} tokens after the prompt.", ""]
+    if result.get("projections"):
+        lines += [
+            "| projection | sparsity | values | dense F.linear | dlp kernel | torch CSR |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["projections"]:
+            csr = f"{r['csr_us']:.0f} µs ({r['csr_speedup']:.2f}×)" if "csr_us" in r else "–"
+            lines.append(
+                f"| {r['shape']} {r['out']}×{r['in']} | {100 * r['sparsity']:.0f}% | {r['dtype']} | "
+                f"{r['dense_us']:.0f} µs | {r['dlp_us']:.0f} µs (**{r['speedup']:.2f}×**) | {csr} |"
+            )
+        lines.append("")
+    for key in ("decode_1b", "decode_smollm2"):
+        if not result.get(key):
+            continue
+        lines += [
+            "| model | sparsity | values | decode tok/s dense → compressed | first token (s) | tensors (MiB) | "
+            "pruned projections vs bf16 | file (MB), vs bf16 | same tokens |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result[key]:
+            lines.append(
+                f"| {r['model']} | {100 * r['sparsity']:.0f}% | {r['dtype']} | {r['dense_tokens_per_s']:.2f} → "
+                f"{r['compressed_tokens_per_s']:.2f} (**{r['decode_speedup']:.2f}×**) | "
+                f"{r['dense_first_token_s']:.3f} → {r['compressed_first_token_s']:.3f} | "
+                f"{r['dense_tensor_mib']:.0f} → {r['compressed_tensor_mib']:.0f} | "
+                f"{r['projection_ratio_vs_bf16']:.3f}× | {r['file_mb']:.0f} ({r['file_ratio_vs_bf16']:.3f}×) | "
+                f"{'yes' if r['identical_tokens'] else 'no'} |"
+            )
+        lines.append("")
+    if result.get("quality"):
+        lines += ["| export | perplexity | vs dense export | pruned projections vs bf16 |", "|---|---|---|---|"]
+        for r in result["quality"]:
+            ratio = f"{r['projection_ratio']:.3f}×" if "projection_ratio" in r else "–"
+            group = f", groups of {r['group_size']}" if r.get("group_size") else ""
+            lines.append(f"| {r['values']}{group} | {r['ppl']:.3f} | {100 * r['ppl_vs_dense']:+.2f}% | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", help="a dense dlp export with masks.safetensors (the 70%% DLP SmolLM2 model/)")
@@ -311,9 +410,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=22, help="decoder layers of the 1B model")
-    parser.add_argument("--parts", default="projections,1b,smollm2")
+    parser.add_argument("--parts", default="projections,1b,smollm2,quality")
+    parser.add_argument("--group_size", type=int, default=128, help="int8 and 4-bit steps: columns per group")
+    parser.add_argument("--values", default="model,int8,int4,nf4", help="the compressed exports' value formats")
     parser.add_argument("--out", default="benchmarks/results/sparse_decode.json")
+    parser.add_argument("--report", help="print a result file's tables as Markdown, and measure nothing")
     args = parser.parse_args()
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())))
+        return
     sparsities = [float(s) for s in args.sparsities.split(",")]
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     parts = args.parts.split(",")
@@ -323,12 +428,18 @@ def main() -> None:
         if "projections" in parts:
             print("[bench] one token through each 1B projection", flush=True)
             result["projections"] = projections(sparsities, dtypes, args.repeats)
+            atomic_write_json(args.out, result)  # each part as soon as it is measured
         if "1b" in parts:
             print(f"[bench] 1B decode, {args.tokens} tokens", flush=True)
             result["decode_1b"] = bench_1b(sparsities, dtypes, args.tokens, args.repeats, args.layers, Path(work))
+            atomic_write_json(args.out, result)
         if "smollm2" in parts and args.smollm2:
             print(f"[bench] SmolLM2 decode, {args.tokens} tokens", flush=True)
             result["decode_smollm2"] = bench_smollm2(args.smollm2, dtypes, args.tokens, args.repeats, Path(work))
+            atomic_write_json(args.out, result)
+        if "quality" in parts and args.smollm2:
+            print("[bench] SmolLM2 perplexity of each export (WikiText-2 test, 64 x 512)", flush=True)
+            result["quality"] = quality(args.smollm2, Path(work), args.group_size, args.values.split(","))
     atomic_write_json(args.out, result)
     print(f"[bench] wrote {args.out}")
 

@@ -44,9 +44,13 @@ AUTO_MAP = {
 def quantize_values(weight: torch.Tensor, mask: torch.Tensor, values: str, group_size: int):
     """(kept codes in row order, float16 scales [out, groups], group, codebook or None) of a pruned weight [out, in].
 
-    bitsandbytes quantizes blocks of one row by ``group`` columns (the pruned weights are zero there and never
-    raise a block's maximum): int8 by ``int8_vectorwise_quant`` (round(w · 127 / absmax), step absmax / 127), NF4 by
-    ``quantize_4bit`` (the nearest of 16 NormalFloat levels of w / absmax, step absmax)."""
+    Blocks of one row by ``group`` columns (the pruned weights are zero there and never raise a block's maximum):
+    int8 by bitsandbytes' ``int8_vectorwise_quant`` (round(w · 127 / absmax), step absmax / 127), NF4 by its
+    ``quantize_4bit`` (the nearest of 16 NormalFloat levels of w / absmax, step absmax). int4 is the symmetric
+    uniform grid round(w · 7 / absmax) in [-7, 7], as a 16-entry codebook (q / 7) with step absmax: neither
+    bitsandbytes nor torch has a uniform 4-bit quantizer, and this one is the textbook absmax rule. Pruning keeps
+    the large weights, so the kept ones spread over the whole range: NF4's levels, dense near 0 for normally
+    distributed weights, fit them worse (results.md)."""
     import bitsandbytes.functional as bnb
 
     out, inn = weight.shape
@@ -56,6 +60,11 @@ def quantize_values(weight: torch.Tensor, mask: torch.Tensor, values: str, group
     if values == "int8":
         codes, absmax, _ = bnb.int8_vectorwise_quant(blocks)
         steps, codebook = absmax / 127, None
+    elif values == "int4":
+        absmax = blocks.abs().amax(dim=1)
+        scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+        codes = (torch.round(scaled * 7).clamp(-7, 7) + 8).to(torch.uint8)
+        steps, codebook = absmax, [(code - 8) / 7 for code in range(16)]
     else:
         packed, state = bnb.quantize_4bit(
             blocks.reshape(-1), blocksize=group, quant_type="nf4", compress_statistics=False
@@ -76,7 +85,7 @@ def compress_projection(weight: torch.Tensor, mask: torch.Tensor, values: str, g
         spec["values"] = _dtype_name(weight.dtype)
         return tensors, spec
     codes, scales, group, codebook = quantize_values(weight, mask, values, group_size)
-    if values == "nf4":
+    if codebook is not None:  # 4-bit codes
         codes = F.pad(codes, (0, codes.numel() % 2))
         codes = codes[0::2] | (codes[1::2] << 4)  # two codes per byte, low nibble first (the kernel's order)
         spec["codebook"] = codebook

@@ -288,7 +288,7 @@ class EvalArguments:
 
 
 EXPORT_FORMATS = ("dense", "compressed", "both")
-EXPORT_VALUES = ("model", "int8", "nf4")
+EXPORT_VALUES = ("model", "int8", "int4", "nf4")
 EXPORT_GROUP_SIZES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -310,12 +310,12 @@ class ExportArguments:
         default="model",
         metadata={
             "help": "Kept values of the compressed export: model (its dtype: reloads bitwise equal to the dense "
-            "export), int8 or nf4 (bitsandbytes' quantizers, one step per group of columns)."
+            "export), int8, int4 or nf4 (4-bit NormalFloat), with one step per group of columns."
         },
     )
     export_group_size: int = field(
         default=128,
-        metadata={"help": "Columns per quantization step (int8, nf4): 32 to 4096, a power of 2; int8 also 0 (a row)."},
+        metadata={"help": "Columns per quantization step: 32 to 4096, a power of 2; int8 and int4 also 0 (a row)."},
     )
 
     def __post_init__(self) -> None:

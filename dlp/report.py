@@ -207,6 +207,21 @@ def _fmt_diff(merge: dict) -> str:
     return str(merge["max_logit_diff"]) if merge["max_logit_diff"] is not None else "not checked"
 
 
+def _export_lines(cfg: dict[str, Any], masks_digest: str) -> list[str]:
+    """Where the masks are and which exports the run wrote, with how each loads."""
+    export, values = cfg.get("export_format", "dense"), cfg.get("export_values", "model")
+    compressed = (
+        f"mask bits + kept values ({'the model dtype' if values == 'model' else values}), loads with "
+        "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (a sparse CPU kernel decodes on it)"
+    )
+    if export == "compressed":
+        return [f"- masks: in the weight file (digest `{masks_digest[:16]}…`); this model is compressed: {compressed}"]
+    lines = [f"- masks: `masks.safetensors`, digest `{masks_digest[:16]}…`"]
+    if export == "both":
+        lines.append(f"- `model-compressed/` beside this model holds it compressed: {compressed}")
+    return lines
+
+
 def pruned_finetune_markdown(report: dict[str, Any]) -> str:
     """The model card of a pruned + mask-exact-LoRA model (also the run's ``summary.md``)."""
     cfg, ppl, merge = report["config"], report["perplexity"], report["merge"]
@@ -239,6 +254,11 @@ def pruned_finetune_markdown(report: dict[str, Any]) -> str:
             if "finetuned_4bit" in ppl
             else []
         ),
+        *(
+            f"| the same, compressed with {v} values (`model-compressed/`) | {_fmt_ppl(ppl[f'finetuned_{v}'])} |"
+            for v in ("int8", "int4", "nf4")
+            if f"finetuned_{v}" in ppl
+        ),
         "",
         f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
         "",
@@ -265,7 +285,7 @@ def pruned_finetune_markdown(report: dict[str, Any]) -> str:
         f"- merge: W' = (W + s·B·A) ⊙ M; nonzero pruned weights after merge: {merge['violations']}, "
         f"after reloading the export: {report['export']['reloaded_violations']}; max |logit difference| "
         f"adapter vs merged: {_fmt_diff(merge)}",
-        f"- masks: `masks.safetensors`, digest `{report['masks_digest'][:16]}…`",
+        *_export_lines(cfg, report["masks_digest"]),
         "",
         "![training loss](loss.png)",
         "",

@@ -67,6 +67,17 @@ def test_nf4_codes_are_packed_low_nibble_first_and_decode_through_the_codebook()
     assert torch.equal(decoded[mask], codebook[codes]) and (decoded[~mask] == 0).all()
 
 
+def test_int4_is_the_symmetric_uniform_grid_on_a_hand_made_row():
+    weight = torch.tensor([[0.5, -0.25, 0.0, 0.03125, 0.1875, 0, 0, 0]])  # exact in binary
+    mask = weight != 0
+    stored, spec = compress_projection(weight, mask, "int4", 32)
+    # round(w · 7 / 0.5) = 7, -3.5 → -4 (half to even), 0.4375 → 0, 2.625 → 3; stored as q + 8, low nibble first
+    assert stored["values"].tolist() == [15 | 4 << 4, 8 | 11 << 4]
+    decoded = mc.dense_weight(stored, spec, torch.float32)
+    assert stored["scales"].tolist() == [[0.5]]
+    assert torch.allclose(decoded[mask], torch.tensor([7.0, -4, 0, 3]) / 7 * 0.5)
+
+
 @pytest.mark.parametrize("values", ["int8", "nf4"])
 def test_quantized_values_are_bitsandbytes_codes(values):
     """The codes are bitsandbytes' own (its dequantization of them agrees with ours up to the float16 step)."""
@@ -105,7 +116,7 @@ def test_kernel_equals_f_linear_for_every_token_count(shape, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("values,group", [("int8", 0), ("int8", 32), ("nf4", 64)])
+@pytest.mark.parametrize("values,group", [("int8", 0), ("int8", 32), ("int4", 0), ("int4", 64), ("nf4", 64)])
 def test_kernel_on_quantized_values_equals_the_decompressed_weight(values, group):
     weight, mask = random_case(24, 200, seed=7)
     layer, stored, spec = sparse_layer(weight, mask, values, group)
@@ -114,6 +125,33 @@ def test_kernel_on_quantized_values_equals_the_decompressed_weight(values, group
     x = torch.randn(3, 200)
     with torch.no_grad():
         assert torch.allclose(layer(x), F.linear(x, reference), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_on_the_masks_dlp_prunes(calib_ids):
+    """Real masks (Wanda on a tiny Llama, 2:4 and unstructured): every projection's SparseLinear equals F.linear."""
+    from dlp.criteria import PruneSpec, parse_pattern
+    from dlp.pruner import prune_model
+
+    for pattern, sparsity in (("unstructured", 0.7), ("2:4", 0.5)):
+        model = tiny_model("llama")
+        masks = prune_model(model, calib_ids, [sparsity] * 3, PruneSpec("wanda", parse_pattern(pattern)))
+        for name, keep in masks.masks.items():
+            weight = logical_weight(model.get_submodule(name)).detach()
+            layer, _, _ = sparse_layer(weight, keep)
+            x = torch.randn(2, weight.shape[1])
+            with torch.no_grad():
+                assert torch.allclose(layer(x), F.linear(x, weight), atol=1e-5), (pattern, name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decompression_into_16_bit_rounds_as_torch_does(dtype):
+    """Quantized values scaled in float32, then rounded to the model's 16-bit dtype by the kernel's own store."""
+    weight, mask = random_case(16, 64, seed=9)
+    layer, stored, spec = sparse_layer(weight, mask, "int8", 32)
+    expected = mc.dense_weight(stored, spec, torch.float32).to(dtype)
+    assert torch.equal(layer.weight_dense(dtype), expected)
 
 
 @needs_kernel

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from conftest import REPO
 from dlp.errors import DlpError
 from dlp.masks import MaskSet
-from test_prune_lora import SCRIPT, merged_weights, run, write_recipe
+from test_prune_lora import SCRIPT, assert_compressed_copy_is_the_model, merged_weights, run, write_recipe
 
 STEPS, GLOBAL_BATCH = 6, 2  # a few optimizer steps of 2 windows each, however many processes share them
 
@@ -105,6 +105,7 @@ def test_two_processes_export_the_one_process_model(config, one_process_run, tin
     for key in theirs:  # 1e-4 of the tensor's largest weight: ~175× the DDP difference measured (docstring)
         scale = float(theirs[key].abs().max()) or 1.0
         assert float((ours[key] - theirs[key]).abs().max()) <= 1e-4 * scale, key
+    assert_compressed_copy_is_the_model(tmp_path / "run")  # the compressed export after DDP and ZeRO-2/3 runs
     if config == "deepspeed_zero3.yaml":  # the base really was sharded: each rank held half of it
         assert "[dlp] ZeRO-3: rank 0 holds" in result.stdout and "(50%)" in result.stdout
 

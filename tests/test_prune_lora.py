@@ -76,6 +76,15 @@ def merged_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
+def assert_compressed_copy_is_the_model(run_dir: Path) -> None:
+    """``model-compressed/`` (export_format both, the default) decompresses bitwise into ``model/``."""
+    from dlp.compressed import load_compressed
+
+    reloaded = load_compressed(run_dir / "model-compressed", "dense").state_dict()
+    dense = merged_weights(run_dir)
+    assert all(torch.equal(reloaded[key], dense[key]) for key in dense), run_dir
+
+
 @pytest.fixture(scope="module")
 def reference_run(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
@@ -249,6 +258,10 @@ def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
             ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "int4"],
             "invalid choice: 'int4' (choose from 'fp4', 'nf4')",
         ),
+        (["--export_format", "sparse"], "export_format must be one of dense, compressed, both (got 'sparse')"),
+        (["--export_values", "int3"], "export_values must be one of model, int8, int4, nf4 (got 'int3')"),
+        (["--export_values", "nf4", "--export_group_size", "0"], "export_group_size must be one of 32,"),
+        (["--export_format", "compressed", "--export_4bit", "true"], "export_4bit re-quantizes the dense export"),
     ],
 )
 def test_bad_recipe_values_exit_2_with_one_line(tiny_model_dir, tmp_path, override, message):
@@ -257,6 +270,38 @@ def test_bad_recipe_values_exit_2_with_one_line(tiny_model_dir, tmp_path, overri
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "x" / "report.json").exists()
+
+
+def test_a_compressed_only_export_with_nf4_values_is_evaluated_through_its_remote_code(
+    reference_run, tiny_model_dir, tmp_path
+):
+    """export_format compressed: model/ is the compressed checkpoint (NF4 values), reloaded without dlp for the
+    evaluation; the prune stage and adapter of the reference run are reused, so only merge, export and evaluation
+    run."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, export_format="compressed", export_values="nf4")
+    out = tmp_path / "run"
+    out.mkdir()
+    result = run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--config",
+            str(recipe),
+            "--output_dir",
+            str(out),
+            "--prune_dir",
+            str(reference_run / "prune"),
+            "--max_steps",
+            "5",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model/ (merged, mask bits + kept values, trust_remote_code=True)" in result.stdout
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["model_type"] == "dlp_compressed" and config["dlp_compressed"]["values"] == "nf4"
+    assert not (out / "model-compressed").exists() and (out / "model" / "README.md").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["reloaded_violations"] == 0 and report["perplexity"]["finetuned"]["value"] > 1
 
 
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):

@@ -18,7 +18,7 @@ from dlp.export import export_quantized
 from dlp.merge import MERGE_TOLERANCE, QUANTIZATION_FILE, load_adapter_model, merge_masked
 from dlp.projections import dense_weight, is_quantized
 from test_lora import random_masks, train_steps
-from test_prune_lora import ENV, SCRIPT, merged_weights, write_recipe
+from test_prune_lora import ENV, SCRIPT, assert_compressed_copy_is_the_model, merged_weights, write_recipe
 
 pytest.importorskip("bitsandbytes")
 
@@ -142,6 +142,7 @@ def test_qlora_pipeline_exports_exact_zeros_in_16_and_4_bit(qlora_run):
     assert "4-bit NF4 (the QLoRA base)" in (qlora_run / "model" / "README.md").read_text()
     config = json.loads((qlora_run / "model-4bit" / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert_compressed_copy_is_the_model(qlora_run)  # the compressed export after a 4-bit run
 
 
 def test_merge_script_dequantized_mode_reproduces_the_trained_model(qlora_run, tmp_path):

@@ -48,7 +48,7 @@ from .sparse_kernel import MAX_TOKENS, PAD_BYTES, VALUE_KINDS, kernel, kernel_un
 FORMAT = "dlp-compressed/1"
 MODEL_TYPE = "dlp_compressed"
 WEIGHTS_NAME = "model.safetensors"
-QUANTIZED = ("int8", "nf4")  # value formats with codes and steps
+QUANTIZED = ("int8", "int4", "nf4")  # value formats with codes and steps
 _said: set[str] = set()
 
 
@@ -74,7 +74,7 @@ def unpack_mask(flat_bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor
 
 def dequantized(values: torch.Tensor, spec: dict[str, Any], count: int) -> torch.Tensor:
     """The ``count`` kept values as float32, before scaling: 4-bit codes looked up, int8 widened, float ones cast."""
-    if spec["values"] == "nf4":
+    if "codebook" in spec:  # 4-bit codes
         codes = torch.stack([values & 0x0F, values >> 4], dim=1).reshape(-1)[:count].long()
         return torch.tensor(spec["codebook"], dtype=torch.float32)[codes]
     return values[:count].float()
@@ -137,18 +137,23 @@ class SparseLinear(nn.Module):
         return module
 
     def weight_dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The whole weight [out, in], decompressed (by the kernel when it runs here)."""
-        module = self._kernel()
+        """The whole weight [out, in] on the layer's device, decompressed (by the kernel when it runs here; on
+        another device, from CPU copies)."""
+        device = self.bits.device
+        module = self._kernel() if device.type == "cpu" else None
         if module is None:
-            entry = {"mask": self._flat_bits(), "values": self.values, "scales": self.scales}
-            return dense_weight(entry, {**self.spec, "group_size": self.group_size}, dtype)
+            values, scales = self.values.cpu(), self.scales.cpu()
+            entry = {"mask": self._flat_bits(), "values": values, "scales": scales}
+            return dense_weight(entry, {**self.spec, "group_size": self.group_size}, dtype).to(device)
+        name = str(dtype).removeprefix("torch.")
+        out = VALUE_KINDS[name] if name in ("float32", "bfloat16", "float16") else 0
         dense = module.decompress(
-            self.bits, self.row_ptr, self.values, self.kind, self.codebook, self.scales, self.group_size
+            self.bits, self.row_ptr, self.values, self.kind, self.codebook, self.scales, self.group_size, out
         )
         return dense[:, : self.in_features].to(dtype)
 
     def _flat_bits(self) -> torch.Tensor:
-        mask = np.unpackbits(self.bits.numpy(), axis=1, bitorder="little")[:, : self.in_features]
+        mask = np.unpackbits(self.bits.cpu().numpy(), axis=1, bitorder="little")[:, : self.in_features]
         return torch.from_numpy(np.packbits(mask.reshape(-1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,10 +169,9 @@ class SparseLinear(nn.Module):
             else:
                 weight = self.weight_dense(x.dtype)  # a prompt: decompressed for this call only
             return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        flat = x.reshape(tokens, self.in_features).float()
-        width = 8 * self.bits.shape[1]
-        if width != self.in_features:
-            flat = F.pad(flat, (0, width - self.in_features))
+        flat = x.reshape(tokens, self.in_features)
+        if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            flat = flat.float()
         y = module.sparse_matmul(
             flat.contiguous(),
             self.bits,
@@ -178,7 +182,7 @@ class SparseLinear(nn.Module):
             self.scales,
             self.group_size,
         )
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 

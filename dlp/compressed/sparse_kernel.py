@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 # value formats the kernel reads; the number is what the C++ code switches on
-VALUE_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3, "nf4": 4}
+VALUE_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3, "int4": 4, "nf4": 4}
 MAX_TOKENS = 8  # above this the dense kernel on the decompressed weight is faster (it is a matrix-matrix product)
 PAD_BYTES = 32  # the kernel reads up to 8 values past the last kept one: value buffers carry this padding
 
@@ -43,6 +43,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 // Rows of mask bits are repacked at load so that each starts on a byte and column j of a byte is bit j (least
 // significant first). Each kernel walks a row's bits and its kept values (consecutive, in column order) together,
@@ -185,9 +186,33 @@ __attribute__((noinline)) void matmul_rows(const Weights& w, Load load, const fl
   }
 }
 
-// every weight of rows [r0, r1), scaled, into dense [out, 8 * stride]
-template <class Load>
-__attribute__((noinline)) void decompress_rows(const Weights& w, Load load, float* dense, int64_t r0, int64_t r1) {
+// Stores of 8 decompressed weights in the dense weight's dtype (bfloat16 rounded to nearest even, as torch does)
+struct StoreF32 {
+  float* p;
+  void operator()(int64_t at, __m256 v) const { _mm256_storeu_ps(p + at, v); }
+};
+struct StoreBF16 {
+  uint16_t* p;
+  void operator()(int64_t at, __m256 v) const {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + at), _mm256_castsi256_si128(packed));
+  }
+};
+struct StoreF16 {
+  uint16_t* p;
+  void operator()(int64_t at, __m256 v) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + at), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+
+// every weight of rows [r0, r1), scaled, into dense [out, 8 * stride] (written straight in its dtype: for a
+// prompt's dense product, decompressing costs one write of the weight, not a float32 copy and a conversion)
+template <class Load, class Store>
+__attribute__((noinline)) void decompress_rows(const Weights& w, Load load, Store store, int64_t r0, int64_t r1) {
   const int64_t width = 8 * w.stride;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* bits = w.bits + r * w.stride;
@@ -198,7 +223,7 @@ __attribute__((noinline)) void decompress_rows(const Weights& w, Load load, floa
       __m256 weight = load(k, byte);
       k += __builtin_popcount(byte);
       if (scale) weight = _mm256_mul_ps(weight, _mm256_set1_ps(scale[j / w.group_bytes]));
-      _mm256_storeu_ps(dense + r * width + 8 * j, weight);
+      store(r * width + 8 * j, weight);
     }
   }
 }
@@ -258,19 +283,39 @@ void matmul(const Weights& w, Load load, const float* x, int64_t width, float* y
 
 }  // namespace
 
-// x: float32 [T, width], width >= 8 * stride, zero-padded; T <= 8 -> float32 [T, out]
+// x: [T, in] in float32, bfloat16 or float16, T <= 8 -> y: [T, out] in x's dtype. The conversions are done
+// here rather than by torch ops around the call: at one token per call they cost more than the product itself
+// on a small model (SmolLM2's 576-wide projections).
+template <class In>
+void widened(const In* source, int64_t tokens, int64_t in, int64_t width, std::vector<float>& target) {
+  target.assign(tokens * width, 0.0f);  // the columns past ``in``: zero
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t c = 0; c < in; ++c) target[t * width + c] = static_cast<float>(source[t * in + c]);
+}
+
 torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor bits, torch::Tensor row_ptr, torch::Tensor values,
                             int64_t kind, torch::Tensor codebook, torch::Tensor scales, int64_t group_size) {
   const Weights w = weights_of(bits, row_ptr, scales, group_size);
-  const int64_t width = x.size(1);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && width >= 8 * w.stride,
-              "x: float32 [tokens, 8 * stride]");
-  const int64_t out = bits.size(0);
-  torch::Tensor y = torch::empty({x.size(0), out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const int64_t tokens = x.size(0), in = x.size(1), width = 8 * w.stride, out = bits.size(0);
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && in <= width && in > width - 8, "x: [tokens, in], contiguous");
+  TORCH_CHECK(tokens >= 1 && tokens <= 8, "dlp sparse kernel: 1 to 8 tokens, got ", tokens);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "x: float32, bfloat16 or float16");
+  std::vector<float> x_buffer, y_buffer;
+  const float* xp;
+  if (dtype == torch::kFloat32 && in == width) {
+    xp = x.data_ptr<float>();
+  } else {
+    if (dtype == torch::kFloat32) widened(x.data_ptr<float>(), tokens, in, width, x_buffer);
+    if (dtype == torch::kBFloat16) widened(x.data_ptr<at::BFloat16>(), tokens, in, width, x_buffer);
+    if (dtype == torch::kHalf) widened(x.data_ptr<at::Half>(), tokens, in, width, x_buffer);
+    xp = x_buffer.data();
+  }
+  torch::Tensor y = torch::empty({tokens, out}, x.options());
+  float* yp = dtype == torch::kFloat32 ? y.data_ptr<float>() : (y_buffer.resize(tokens * out), y_buffer.data());
   with_loader(values, kind, codebook, [&](auto load) {
-    switch (x.size(0)) {
+    switch (tokens) {
       case 1: return matmul<1>(w, load, xp, width, yp, out);
       case 2: return matmul<2>(w, load, xp, width, yp, out);
       case 3: return matmul<3>(w, load, xp, width, yp, out);
@@ -280,19 +325,32 @@ torch::Tensor sparse_matmul(torch::Tensor x, torch::Tensor bits, torch::Tensor r
       case 7: return matmul<7>(w, load, xp, width, yp, out);
       case 8: return matmul<8>(w, load, xp, width, yp, out);
     }
-    TORCH_CHECK(false, "dlp sparse kernel: 1 to 8 tokens, got ", x.size(0));
   });
+  if (dtype == torch::kBFloat16) {  // rounded to nearest even, as torch's own conversion
+    at::BFloat16* target = y.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < tokens * out; ++i) target[i] = at::BFloat16(y_buffer[i]);
+  } else if (dtype == torch::kHalf) {
+    at::Half* target = y.data_ptr<at::Half>();
+    for (int64_t i = 0; i < tokens * out; ++i) target[i] = at::Half(y_buffer[i]);
+  }
   return y;
 }
 
-// -> float32 [out, 8 * stride]: every weight, pruned ones 0
+// -> [out, 8 * stride] in dtype (0 float32, 1 bfloat16, 2 float16): every weight, pruned ones 0
 torch::Tensor decompress(torch::Tensor bits, torch::Tensor row_ptr, torch::Tensor values, int64_t kind,
-                         torch::Tensor codebook, torch::Tensor scales, int64_t group_size) {
+                         torch::Tensor codebook, torch::Tensor scales, int64_t group_size, int64_t dtype) {
   const Weights w = weights_of(bits, row_ptr, scales, group_size);
-  torch::Tensor dense = torch::empty({bits.size(0), 8 * w.stride}, torch::dtype(torch::kFloat32));
-  float* out = dense.data_ptr<float>();
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, "dtype: 0 float32, 1 bfloat16, 2 float16");
+  const at::ScalarType types[] = {torch::kFloat32, torch::kBFloat16, torch::kHalf};
+  torch::Tensor dense = torch::empty({bits.size(0), 8 * w.stride}, torch::dtype(types[dtype]));
+  const int64_t rows = bits.size(0);
   with_loader(values, kind, codebook, [&](auto load) {
-    at::parallel_for(0, bits.size(0), 16, [&](int64_t r0, int64_t r1) { decompress_rows(w, load, out, r0, r1); });
+    auto run = [&](auto store) {
+      at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { decompress_rows(w, load, store, r0, r1); });
+    };
+    if (dtype == 0) run(StoreF32{dense.data_ptr<float>()});
+    if (dtype == 1) run(StoreBF16{reinterpret_cast<uint16_t*>(dense.data_ptr<at::BFloat16>())});
+    if (dtype == 2) run(StoreF16{reinterpret_cast<uint16_t*>(dense.data_ptr<at::Half>())});
   });
   return dense;
 }
