@@ -67,7 +67,10 @@ def test_nf4_codes_are_packed_low_nibble_first_and_decode_through_the_codebook()
     assert torch.equal(decoded[mask], codebook[codes]) and (decoded[~mask] == 0).all()
 
 
-def test_int4_is_the_symmetric_uniform_grid_on_a_hand_made_row():
+def test_int4_is_the_symmetric_uniform_grid_on_a_hand_made_row(monkeypatch):
+    import dlp.compress
+
+    monkeypatch.setattr(dlp.compress, "INT4_CLIPS", (1.0,))  # the grid alone; the range search is tested below
     weight = torch.tensor([[0.5, -0.25, 0.0, 0.03125, 0.1875, 0, 0, 0]])  # exact in binary
     mask = weight != 0
     stored, spec = compress_projection(weight, mask, "int4", 32)
@@ -76,6 +79,21 @@ def test_int4_is_the_symmetric_uniform_grid_on_a_hand_made_row():
     decoded = mc.dense_weight(stored, spec, torch.float32)
     assert stored["scales"].tolist() == [[0.5]]
     assert torch.allclose(decoded[mask], torch.tensor([7.0, -4, 0, 3]) / 7 * 0.5)
+
+
+def test_int4_ranges_are_chosen_for_the_least_rounding_error():
+    from dlp.compress import INT4_CLIPS, _int4_steps
+
+    # one outlier: the full range rounds every other weight to a coarse step; a clipped one wins
+    block = torch.tensor([[1.0, 0.21, -0.33, 0.4, 0.12, -0.27, 0.05, 0.36]])
+    step = _int4_steps(block)
+
+    def error(s):
+        return float((block - torch.round(block / s * 7).clamp(-7, 7) * s / 7).square().sum())
+
+    candidates = [float(torch.tensor(clip).half()) for clip in INT4_CLIPS]  # max |w| = 1: the step is the clip
+    assert float(step) < 1.0 and error(float(step)) == min(error(c) for c in candidates)
+    assert _int4_steps(torch.zeros(1, 8)).tolist() == [0.0]  # an all-pruned block
 
 
 @pytest.mark.parametrize("values", ["int8", "nf4"])
