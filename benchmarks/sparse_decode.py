@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dlp.compress import checkpoint_sizes, compress_projection, export_compressed  # noqa: E402
 from dlp.compressed import SparseLinear, load_compressed  # noqa: E402
-from dlp.masks import MaskSet  # noqa: E402
+from dlp.masks import MaskSet, masks_of_model  # noqa: E402
 from dlp.modeling import prunable_linears  # noqa: E402
 from dlp.rundir import atomic_write_json  # noqa: E402
 
@@ -266,8 +266,7 @@ def bench_smollm2(model_dir: str, dtypes, tokens, repeats, workdir: Path) -> lis
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    inside = Path(model_dir) / "masks.safetensors"  # a pipeline export; train/prune.py keeps them beside model/
-    masks = MaskSet.load(inside if inside.is_file() else Path(model_dir).parent / "masks.safetensors")
+    masks = MaskSet.load(masks_of_model(model_dir))
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt")
         for p in PROMPTS
@@ -335,8 +334,7 @@ def quality(model_dir: str, workdir: Path, group_size: int, values_list: list[st
     from dlp.evaluate import perplexity
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    inside = Path(model_dir) / "masks.safetensors"
-    masks = MaskSet.load(inside if inside.is_file() else Path(model_dir).parent / "masks.safetensors")
+    masks = MaskSet.load(masks_of_model(model_dir))
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = []
     reference = None

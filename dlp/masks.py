@@ -262,6 +262,15 @@ def _check_metadata(path: Path, meta: dict[str, str], force: bool) -> str:
     return "mismatch"
 
 
+def masks_of_model(model_dir: str | Path) -> Path:
+    """The mask file of a pruned model directory: inside it (the pipeline's and ``train/merge.py``'s exports) or
+    beside it (a ``train/prune.py`` run keeps ``masks.safetensors`` next to ``model/``); the inside path when
+    neither exists, for the caller's message."""
+    inside = Path(model_dir) / "masks.safetensors"
+    beside = Path(model_dir).resolve().parent / "masks.safetensors"
+    return beside if not inside.is_file() and beside.is_file() else inside
+
+
 def safetensors_bytes(tensors: dict[str, bytes], metadata: dict[str, str]) -> bytes:
     """A safetensors file of 1-D uint8 tensors, byte for byte determined by its inputs (:mod:`dlp.tensorfile`'s
     layout: sorted header, data in name order)."""

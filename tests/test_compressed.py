@@ -305,6 +305,13 @@ def test_compress_script_and_its_one_line_errors(tmp_path):
     model, masks = pruned_tiny("llama")
     export_model(model, tiny_tokenizer(), masks, tmp_path / "model")
     script = [sys.executable, str(REPO / "train" / "compress.py")]
+    # a train/prune.py run keeps its masks beside model/, not inside: found there too
+    (tmp_path / "run").mkdir()
+    export_model(model, tiny_tokenizer(), None, tmp_path / "run" / "model")
+    masks.save(tmp_path / "run" / "masks.safetensors")
+    beside = subprocess.run([*script, "--model_dir", str(tmp_path / "run" / "model")], capture_output=True, text=True)
+    assert beside.returncode == 0, beside.stderr[-2000:]
+    assert is_compressed_checkpoint(tmp_path / "run" / "model-compressed")
     ok = subprocess.run(
         [*script, "--model_dir", str(tmp_path / "model"), "--export_values", "int8"],
         capture_output=True,

@@ -2,9 +2,10 @@
 
     python train/compress.py --model_dir RUN/model [--output_dir RUN/model-compressed] [--export_values int8]
 
-The input is a dense dlp export (``train/prune.py``'s or the pipeline's ``model/``, with ``masks.safetensors``
-beside the weights); the output loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``,
-without dlp. This is also how a run finished with ``export_format: dense`` gets its compressed copy.
+The input is a dense dlp export (the pipeline's ``model/``, with ``masks.safetensors`` inside, or a
+``train/prune.py`` run's ``model/``, with it beside); the output loads without dlp with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. This is also how a run finished with
+``export_format: dense`` gets its compressed copy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dlp.cli import run_cli  # noqa: E402
 from dlp.compress import checkpoint_sizes, compressed_dir, export_compressed  # noqa: E402
 from dlp.config import ExportArguments, parse_config  # noqa: E402
 from dlp.errors import require  # noqa: E402
-from dlp.masks import MaskSet  # noqa: E402
+from dlp.masks import MaskSet, masks_of_model  # noqa: E402
 from dlp.modeling import load_model_and_tokenizer  # noqa: E402
 from dlp.rundir import check_writable_dir  # noqa: E402
 
@@ -30,7 +31,9 @@ class CompressArguments:
     output_dir: str | None = field(
         default=None, metadata={"help": "Where to write it (default: MODEL_DIR-compressed)."}
     )
-    masks: str | None = field(default=None, metadata={"help": "masks.safetensors (default: inside model_dir)."})
+    masks: str | None = field(
+        default=None, metadata={"help": "masks.safetensors (default: inside model_dir, else beside it)."}
+    )
     force: bool = field(
         default=False, metadata={"help": "Masks made for another model kind: warn instead of refusing."}
     )
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     output_dir = args.output_dir or str(compressed_dir(args.model_dir.rstrip("/")))
     check_writable_dir(output_dir)  # before anything is loaded: never a directory of the user's
-    masks_path = args.masks or os.path.join(args.model_dir, "masks.safetensors")
+    masks_path = args.masks or str(masks_of_model(args.model_dir))
     require(os.path.isfile(masks_path), f"masks: file not found: {masks_path} (pass --masks)")
     masks = MaskSet.load(masks_path, force=args.force)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, "auto")
