@@ -174,9 +174,10 @@ def random_masks(model, sparsity: float) -> MaskSet:
 
 
 def dense_sizes(model) -> dict:
+    """The projections' and the whole model's bytes in bf16, a tied embedding counted once (as it is stored)."""
     projections = sum(m.weight.numel() for m in prunable_linears(model).values())
-    everything = sum(t.numel() for t in model.state_dict().values())
-    return {"projection_bf16_bytes": 2 * projections, "model_bf16_bytes": 2 * everything}
+    everything = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
+    return {"projection_bf16_bytes": 2 * projections, "model_bf16_bytes": 2 * sum(everything.values())}
 
 
 @torch.no_grad()
