@@ -5,11 +5,9 @@ Reading them is the job of :mod:`dlp.compressed` (its :mod:`~dlp.compressed.mode
 the format, is shipped inside every compressed export with the kernel, so the model loads without dlp).
 
 Kept values are stored in the model's dtype (``values: model``: the decompressed model is bitwise the dense
-export) or quantized by bitsandbytes' primitives: int8 (symmetric, absmax) or NF4 (4-bit NormalFloat codes), with
-one float16 step per output row and group of ``group_size`` columns (int8 also 0: one per output row). A group's
-step comes from its kept weights only: the pruned ones are zero and never raise the maximum. (4-bit values are
-NF4 rather than uniform int4: it is the 4-bit format bitsandbytes quantizes to on the CPU, and its levels follow
-the weights' normal distribution.)
+export) or quantized (:func:`quantize_values`): int8, int4 or NF4 codes with one float16 step per output row and
+group of ``group_size`` columns (0: one per output row). A group's step comes from its kept weights only: the
+pruned ones are zero and never raise the maximum.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ from .errors import require
 from .masks import MaskSet, pack_bits
 from .projections import gathered, is_transposed, logical_weight
 from .rundir import atomic_dir
-from .tensorfile import file_size, write_tensors
+from .tensorfile import DTYPE_BYTES, file_size, write_tensors
 from .compressed import modeling_compressed
 from .compressed.modeling_compressed import FORMAT, QUANTIZED, WEIGHTS_NAME, DlpCompressedConfig
 
@@ -49,9 +47,8 @@ def quantize_values(weight: torch.Tensor, mask: torch.Tensor, values: str, group
     ``quantize_4bit`` (the nearest of 16 NormalFloat levels of w / absmax, step absmax). int4 is the symmetric
     uniform grid round(w · 7 / r) in [-7, 7], as a 16-entry codebook (q / 7) with step r, the block's range r
     chosen for the least squared error (:func:`_int4_steps`): neither bitsandbytes nor torch has a uniform 4-bit
-    quantizer. Pruning keeps
-    the large weights, so the kept ones spread over the whole range: NF4's levels, dense near 0 for normally
-    distributed weights, fit them worse (results.md)."""
+    quantizer. Pruning keeps the large weights, so the kept ones spread over the whole range: NF4's levels, dense
+    near 0 for normally distributed weights, fit them worse (results.md)."""
     import bitsandbytes.functional as bnb
 
     out, inn = weight.shape
@@ -63,8 +60,7 @@ def quantize_values(weight: torch.Tensor, mask: torch.Tensor, values: str, group
         steps, codebook = absmax / 127, None
     elif values == "int4":
         steps = _int4_steps(blocks)
-        scaled = blocks / torch.where(steps > 0, steps, torch.ones_like(steps))[:, None]
-        codes = (torch.round(scaled * 7).clamp(-7, 7) + 8).to(torch.uint8)
+        codes = (_int4_grid(blocks, steps) + 8).to(torch.uint8)
         codebook = [(code - 8) / 7 for code in range(16)]
     else:
         packed, state = bnb.quantize_4bit(
@@ -80,6 +76,11 @@ def quantize_values(weight: torch.Tensor, mask: torch.Tensor, values: str, group
 INT4_CLIPS = tuple(1 - 0.05 * i for i in range(11))  # the fractions of a block's maximum tried as its int4 range
 
 
+def _int4_grid(blocks: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """round(w · 7 / step) in [-7, 7] for each block's weights (a zero step: an all-pruned block, codes 0)."""
+    return torch.round(blocks / torch.where(steps > 0, steps, torch.ones_like(steps))[:, None] * 7).clamp(-7, 7)
+
+
 def _int4_steps(blocks: torch.Tensor) -> torch.Tensor:
     """Each block's int4 range: the fraction of its maximum (:data:`INT4_CLIPS`) with the least squared rounding
     error. With 15 levels, clipping the one or two largest weights a little buys finer steps for all others."""
@@ -87,8 +88,7 @@ def _int4_steps(blocks: torch.Tensor) -> torch.Tensor:
     best, best_error = absmax.clone(), torch.full_like(absmax, float("inf"))
     for clip in INT4_CLIPS:
         step = (absmax * clip).half().float()  # as the file keeps it
-        safe = torch.where(step > 0, step, torch.ones_like(step))[:, None]
-        error = (blocks - torch.round(blocks / safe * 7).clamp(-7, 7) * safe / 7).square().sum(dim=1)
+        error = (blocks - _int4_grid(blocks, step) * step[:, None] / 7).square().sum(dim=1)
         better = error < best_error
         best, best_error = torch.where(better, step, best), torch.where(better, error, best_error)
     return best
@@ -232,5 +232,4 @@ def checkpoint_sizes(path: str | Path) -> dict[str, Any]:
 
 
 def _slice_bytes(tensor) -> int:
-    sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    return math.prod(tensor.get_shape()) * sizes[tensor.get_dtype()]
+    return math.prod(tensor.get_shape()) * DTYPE_BYTES[tensor.get_dtype()]

@@ -29,6 +29,7 @@ DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+DTYPE_BYTES = {code: dtype.itemsize for dtype, code in DTYPES.items()}  # a safetensors dtype code's element size
 
 
 def header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str]) -> bytes:

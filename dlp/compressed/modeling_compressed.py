@@ -81,11 +81,14 @@ def dequantized(values: torch.Tensor, spec: dict[str, Any], count: int) -> torch
 
 
 def dense_weight(entry: dict[str, torch.Tensor], spec: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    """One projection's logical weight [out, in] in ``dtype`` from its stored tensors (pure torch: no kernel).
+    """One projection's logical weight [out, in] in ``dtype`` from its stored tensors (pure torch: no kernel)."""
+    return placed(unpack_mask(entry["mask"], tuple(spec["shape"])), entry, spec, dtype)
 
-    Kept values in the model's dtype are placed as they are, so the weight is bitwise the dense export's."""
+
+def placed(mask: torch.Tensor, entry: dict[str, torch.Tensor], spec: dict[str, Any], dtype) -> torch.Tensor:
+    """The kept values (dequantized and scaled) at the mask's positions, zeros elsewhere, in ``dtype``. Values in
+    the model's dtype are placed as they are, so the weight is bitwise the dense export's."""
     shape = tuple(spec["shape"])
-    mask = unpack_mask(entry["mask"], shape)
     count = int(mask.sum())
     if spec["values"] not in QUANTIZED:
         weight = torch.zeros(shape, dtype=entry["values"].dtype)
@@ -142,9 +145,8 @@ class SparseLinear(nn.Module):
         device = self.bits.device
         module = self._kernel() if device.type == "cpu" else None
         if module is None:
-            values, scales = self.values.cpu(), self.scales.cpu()
-            entry = {"mask": self._flat_bits(), "values": values, "scales": scales}
-            return dense_weight(entry, {**self.spec, "group_size": self.group_size}, dtype).to(device)
+            entry = {"values": self.values.cpu(), "scales": self.scales.cpu()}
+            return placed(self._mask(), entry, {**self.spec, "group_size": self.group_size}, dtype).to(device)
         name = str(dtype).removeprefix("torch.")
         out = VALUE_KINDS[name] if name in ("float32", "bfloat16", "float16") else 0
         dense = module.decompress(
@@ -152,9 +154,10 @@ class SparseLinear(nn.Module):
         )
         return dense[:, : self.in_features].to(dtype)
 
-    def _flat_bits(self) -> torch.Tensor:
-        mask = np.unpackbits(self.bits.cpu().numpy(), axis=1, bitorder="little")[:, : self.in_features]
-        return torch.from_numpy(np.packbits(mask.reshape(-1)))
+    def _mask(self) -> torch.Tensor:
+        """The keep-mask [out, in] from the kernel's row bits."""
+        bits = np.unpackbits(self.bits.cpu().numpy(), axis=1, bitorder="little")[:, : self.in_features]
+        return torch.from_numpy(bits.astype(bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // self.in_features
@@ -240,14 +243,14 @@ def load_dense(path: str | Path, config: DlpCompressedConfig, **kwargs) -> nn.Mo
     compressed, plain, specs = read_checkpoint(path)
     base = config.architecture_config()
     for name, entry in compressed.items():
-        dtype = entry["values"].dtype if specs[name]["values"] not in QUANTIZED else _float_dtype(base, plain)
+        dtype = entry["values"].dtype if specs[name]["values"] not in QUANTIZED else _float_dtype(plain)
         plain[f"{name}.weight"] = _stored_weight(dense_weight(entry, specs[name], dtype), specs[name])
     model = _architecture_class(base).from_pretrained(None, config=base, state_dict=plain, **kwargs)
     _load_generation_config(model, path)
     return model.eval()
 
 
-def _float_dtype(base: PretrainedConfig, plain: dict[str, torch.Tensor]) -> torch.dtype:
+def _float_dtype(plain: dict[str, torch.Tensor]) -> torch.dtype:
     """The model's float dtype, for weights whose values were quantized: that of its other floating tensors."""
     for tensor in plain.values():
         if tensor.is_floating_point():
@@ -281,7 +284,7 @@ def load_sparse(path: str | Path, config: DlpCompressedConfig, attn_implementati
     with _parameters_on_meta():
         attention = {"attn_implementation": attn_implementation} if attn_implementation else {}  # else transformers'
         model = _architecture_class(base)._from_config(base, **attention)  # default for the architecture
-    dtype = _float_dtype(base, plain)
+    dtype = _float_dtype(plain)
     for name, entry in compressed.items():
         bias = plain.pop(f"{name}.bias", None)
         parent, _, child = name.rpartition(".")
