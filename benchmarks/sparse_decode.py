@@ -1,7 +1,13 @@
 """Compressed exports (mask bits + kept values) against dense ones: size, memory and CPU decode speed, side by side.
 
-    python benchmarks/sparse_decode.py [--smollm2 RUN/model] [--sparsities 0.5,0.6,0.7,0.8] [--tokens 32]
-        [--dtypes float32,bfloat16] [--repeats 3] [--out benchmarks/results/sparse_decode.json]
+    python benchmarks/sparse_decode.py [--shape all|1b|smollm2] [--smollm2 RUN/model] [--sparsity 0.5,0.6,0.7,0.8]
+        [--new_tokens 32] [--dtypes float32,bfloat16] [--repeats 3] [--out benchmarks/results/sparse_decode.json]
+
+    python benchmarks/sparse_decode.py --shape 1b --sparsity 0.7 --new_tokens 32   # the issue's check
+
+The last line sums up every decode measured: ``decode: sparse X.XX× dense tokens/s; tokens identical: yes`` (or
+``no``), with the lowest speed-up of all rows (each dtype and sparsity), and ``yes`` only if every row's greedy
+tokens match the dense model's; one line per row above it says which.
 
 Three parts, each timing dense and compressed in turns (dense, compressed, dense, ...) in one process with the same
 threads, after a warm-up, and reporting medians, so a noisy machine slows both alike:
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -47,6 +54,11 @@ from dlp.masks import MaskSet, masks_of_model  # noqa: E402
 from dlp.modeling import prunable_linears  # noqa: E402
 from dlp.rundir import atomic_write_json  # noqa: E402
 
+SHAPE_PARTS = {
+    "all": ["projections", "1b", "smollm2", "quality"],
+    "1b": ["projections", "1b"],
+    "smollm2": ["smollm2", "quality"],
+}
 SHAPES_1B = {"q_proj/o_proj": (2048, 2048), "k_proj/v_proj": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)}
 PROMPTS = [
     "The history of the Roman Empire",
@@ -114,8 +126,15 @@ def interleaved(fns: dict, repeats: int, inner: int = 1) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+COLD_BYTES = 512 << 20  # a working set larger than any L3 cache: each call reads its weights from memory
+
+
 @torch.no_grad()
 def projections(sparsities: list[float], dtypes: list[torch.dtype], repeats: int) -> list[dict]:
+    """One token through each 1B projection, timed twice: *hot*, the same weights every call (a 2048x2048 fp32
+    matrix is 16 MB and stays in a 32 MB L3 cache), and *cold*, cycling through distinct copies that together
+    exceed :data:`COLD_BYTES`, so each call reads its weights from memory as every projection does in a decode
+    step (22 layers of weights never fit in a cache)."""
     rows = []
     for label, (out, inn) in SHAPES_1B.items():
         for sparsity in sparsities:
@@ -123,28 +142,47 @@ def projections(sparsities: list[float], dtypes: list[torch.dtype], repeats: int
             weight = torch.randn(out, inn, generator=g) * 0.02
             mask = torch.rand(out, inn, generator=g) >= sparsity
             for dtype in dtypes:
-                dense = (weight * mask).to(dtype)
-                layer = SparseLinear(*compress_projection(dense, mask, "model", 0), None, dtype)
-                csr = dense.float().to_sparse_csr() if dtype == torch.float32 else None
-                x = torch.randn(1, inn).to(dtype)
-                fns = {"dense": lambda: F.linear(x, dense), "dlp": lambda: layer(x)}
-                if csr is not None:
-                    xt = x.float().t().contiguous()
-                    fns["csr"] = lambda: torch.sparse.mm(csr, xt)
-                seconds = interleaved(fns, repeats * 5, inner=20)
                 row = {"shape": label, "out": out, "in": inn, "sparsity": sparsity, "dtype": str(dtype)[6:]}
-                row.update({f"{k}_us": 1e6 * v for k, v in seconds.items()})
-                row["speedup"] = seconds["dense"] / seconds["dlp"]
-                if "csr" in seconds:
-                    row["csr_speedup"] = seconds["dense"] / seconds["csr"]
+                row.update(_projection_times(weight, mask, dtype, repeats))
                 rows.append(row)
                 print(
-                    f"  {label:14s} {out}x{inn} {100 * sparsity:.0f}% {row['dtype']:8s} dense {row['dense_us']:8.1f} us"
-                    f"  dlp {row['dlp_us']:8.1f} us ({row['speedup']:.2f}x)"
-                    + (f"  csr {row['csr_us']:8.1f} us ({row['csr_speedup']:.2f}x)" if csr is not None else ""),
+                    f"  {label:14s} {out}x{inn} {100 * sparsity:.0f}% {row['dtype']:8s} hot: dense "
+                    f"{row['dense_us']:7.1f} us, dlp {row['dlp_us']:7.1f} us ({row['speedup']:.2f}x)"
+                    + (f", csr {row['csr_us']:7.1f} us ({row['csr_speedup']:.2f}x)" if "csr_us" in row else "")
+                    + f" | cold: dense {row['cold_dense_us']:7.1f} us, dlp {row['cold_dlp_us']:7.1f} us "
+                    f"({row['cold_speedup']:.2f}x)",
                     flush=True,
                 )
     return rows
+
+
+def _projection_times(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, repeats: int) -> dict:
+    """Microseconds per call of dense ``F.linear``, dlp's kernel and (fp32) torch's CSR matmul, hot and cold."""
+    dense = (weight * mask).to(dtype)
+    layer = SparseLinear(*compress_projection(dense, mask, "model", 0), None, dtype)
+    x = torch.randn(1, weight.shape[1]).to(dtype)
+    fns = {"dense": lambda: F.linear(x, dense), "dlp": lambda: layer(x)}
+    if dtype == torch.float32:
+        csr, xt = dense.to_sparse_csr(), x.t().contiguous()
+        fns["csr"] = lambda: torch.sparse.mm(csr, xt)
+    hot = interleaved(fns, repeats * 5, inner=20)
+    copies = max(2, -(-COLD_BYTES // (dense.numel() * dense.element_size())))
+    denses = [dense.clone() for _ in range(copies)]  # distinct memory, the same values
+    layers = [SparseLinear(*compress_projection(d, mask, "model", 0), None, dtype) for d in denses]
+    turn = itertools.count()
+    cold = interleaved(
+        {
+            "dense": lambda: F.linear(x, denses[next(turn) % copies]),
+            "dlp": lambda: layers[next(turn) % copies](x),
+        },
+        repeats * 5,
+        inner=copies,
+    )
+    times = {f"{k}_us": 1e6 * v for k, v in hot.items()} | {f"cold_{k}_us": 1e6 * v for k, v in cold.items()}
+    times.update(speedup=hot["dense"] / hot["dlp"], cold_speedup=cold["dense"] / cold["dlp"], cold_copies=copies)
+    if "csr" in hot:
+        times["csr_speedup"] = hot["dense"] / hot["csr"]
+    return times
 
 
 def llama_1b(dtype: torch.dtype, layers: int):
@@ -364,14 +402,19 @@ def markdown(result: dict) -> str:
     lines = [f"CPU: {result['cpu']}; greedy decode of {result['tokens']} tokens after the prompt.", ""]
     if result.get("projections"):
         lines += [
-            "| projection | sparsity | values | dense F.linear | dlp kernel | torch CSR |",
-            "|---|---|---|---|---|---|",
+            "| projection | sparsity | values | hot: dense F.linear | dlp kernel | torch CSR | cold: dense | dlp |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["projections"]:
             csr = f"{r['csr_us']:.0f} µs ({r['csr_speedup']:.2f}×)" if "csr_us" in r else "–"
+            cold = (
+                f"{r['cold_dense_us']:.0f} µs | {r['cold_dlp_us']:.0f} µs (**{r['cold_speedup']:.2f}×**)"
+                if "cold_dlp_us" in r
+                else "– | –"  # result files from before the cold measurement
+            )
             lines.append(
                 f"| {r['shape']} {r['out']}×{r['in']} | {100 * r['sparsity']:.0f}% | {r['dtype']} | "
-                f"{r['dense_us']:.0f} µs | {r['dlp_us']:.0f} µs (**{r['speedup']:.2f}×**) | {csr} |"
+                f"{r['dense_us']:.0f} µs | {r['dlp_us']:.0f} µs (**{r['speedup']:.2f}×**) | {csr} | {cold} |"
             )
         lines.append("")
     for key in ("decode_1b", "decode_smollm2"):
@@ -404,12 +447,13 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smollm2", help="a dense dlp export with masks.safetensors (the 70%% DLP SmolLM2 model/)")
-    parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
+    parser.add_argument("--shape", choices=sorted(SHAPE_PARTS), default="all", help="which model(s) to measure")
+    parser.add_argument("--sparsity", "--sparsities", dest="sparsities", default="0.5,0.6,0.7,0.8")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", "--tokens", dest="tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=22, help="decoder layers of the 1B model")
-    parser.add_argument("--parts", default="projections,1b,smollm2,quality")
+    parser.add_argument("--parts", help="a subset of projections,1b,smollm2,quality (default: the shape's)")
     parser.add_argument("--group_size", type=int, default=128, help="int8 and 4-bit steps: columns per group")
     parser.add_argument("--values", default="model,int8,int4,nf4", help="the compressed exports' value formats")
     parser.add_argument("--out", default="benchmarks/results/sparse_decode.json")
@@ -420,7 +464,9 @@ def main() -> None:
         return
     sparsities = [float(s) for s in args.sparsities.split(",")]
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
-    parts = args.parts.split(",")
+    parts = args.parts.split(",") if args.parts else SHAPE_PARTS[args.shape]
+    if args.shape == "smollm2" and not args.smollm2:
+        parser.error("--shape smollm2 needs --smollm2 RUN/model (a dense dlp export with its masks)")
     result: dict = {"cpu": cpu_line(), "tokens": args.tokens}
     print(f"[bench] {result['cpu']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sparse-decode-", dir="/tmp") as work:
@@ -441,6 +487,22 @@ def main() -> None:
             result["quality"] = quality(args.smollm2, Path(work), args.group_size, args.values.split(","))
     atomic_write_json(args.out, result)
     print(f"[bench] wrote {args.out}")
+    rows = result.get("decode_1b", []) + result.get("decode_smollm2", [])
+    if rows:
+        print("\n".join(headline(rows)))
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """A line for each decode row, then the summary line: the lowest speed-up of them all, and ``yes`` only if every
+    row's greedy tokens matched the dense model's."""
+    lines = [
+        f"  {row['model']} {100 * row['sparsity']:.0f}% {row['dtype']}: sparse {row['decode_speedup']:.2f}× dense "
+        f"tokens/s; tokens identical: {'yes' if row['identical_tokens'] else 'no'}"
+        for row in rows
+    ]
+    slowest = min(row["decode_speedup"] for row in rows)
+    same = "yes" if all(row["identical_tokens"] for row in rows) else "no"
+    return [*lines, f"decode: sparse {slowest:.2f}× dense tokens/s; tokens identical: {same}"]
 
 
 if __name__ == "__main__":

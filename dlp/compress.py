@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ExportArguments
+from .config import ExportArguments, SparseValuesArguments
 from .export import export_model
 from .errors import require
 from .masks import MaskSet, pack_bits
@@ -122,7 +122,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def compressed_state(model: nn.Module, masks: MaskSet, values: str = "model", group_size: int = 128):
     """(every tensor of the checkpoint, its metadata): the masked projections compressed, every other tensor as
     ``model.state_dict()`` has it, tied copies once."""
-    ExportArguments("compressed", values, group_size)  # the settings' own one-line checks
+    SparseValuesArguments(values, group_size)  # the settings' own one-line checks
     modules = masks.check_matches(model)
     tensors: dict[str, torch.Tensor] = {}
     specs = {}
@@ -182,9 +182,9 @@ def _compressed_config(model: nn.Module, values: str, group_size: int) -> DlpCom
 
 
 def compressed_dir(dense_dir: str | Path) -> Path:
-    """Where the compressed copy of an export goes: ``model-compressed/`` beside ``model/``."""
+    """Where the sparse copy of an export goes: ``model-sparse/`` beside ``model/``."""
     dense_dir = Path(dense_dir)
-    return dense_dir.with_name(f"{dense_dir.name}-compressed")
+    return dense_dir.with_name(f"{dense_dir.name}-sparse")
 
 
 def export_formats(model: nn.Module, tokenizer, masks: MaskSet | None, target: str | Path, export: ExportArguments):
@@ -192,10 +192,10 @@ def export_formats(model: nn.Module, tokenizer, masks: MaskSet | None, target: s
     :func:`compressed_dir` (``target`` itself when it is the only one). Returns the directories written."""
     target = Path(target)
     written = []
-    if export.dense or masks is None:  # a model without masks (sliced) has no compressed form
+    if export.export_dense or masks is None:  # a model without masks (sliced) has no compressed form
         written.append(export_model(model, tokenizer, masks, target))
-    if export.compressed and masks is not None:
-        where = compressed_dir(target) if export.dense else target
+    if export.export_sparse and masks is not None:
+        where = compressed_dir(target) if export.export_dense else target
         written.append(
             export_compressed(model, tokenizer, masks, where, export.export_values, export.export_group_size)
         )

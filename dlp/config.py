@@ -287,29 +287,19 @@ class EvalArguments:
         return self.eval_max_windows or None
 
 
-EXPORT_FORMATS = ("dense", "compressed", "both")
 EXPORT_VALUES = ("model", "int8", "int4", "nf4")
 EXPORT_GROUP_SIZES = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass
-class ExportArguments:
-    """What a pruned model is exported as: dense (zeros included: loads anywhere, the same size as the original),
-    compressed (mask bits + kept values: a fraction of the size, and a faster CPU decode), or both. A sliced model
-    is smaller already and is exported dense only."""
+class SparseValuesArguments:
+    """How the sparse checkpoint stores its kept values: as the model's dtype (reloads bitwise equal to the dense
+    export) or quantized, with one step per row and group of columns."""
 
-    export_format: str = field(
-        default="both",
-        metadata={
-            "help": "dense (model/), compressed (model-compressed/: mask bits + kept values, loads with "
-            "trust_remote_code=True) or both (the default: the dense copy loads anywhere, the compressed one is "
-            "small and decodes faster on a CPU)."
-        },
-    )
     export_values: str = field(
         default="model",
         metadata={
-            "help": "Kept values of the compressed export: model (its dtype: reloads bitwise equal to the dense "
+            "help": "Kept values of the sparse export: model (its dtype: reloads bitwise equal to the dense "
             "export), int8, int4 or nf4 (4-bit NormalFloat), with one step per group of columns."
         },
     )
@@ -319,7 +309,6 @@ class ExportArguments:
     )
 
     def __post_init__(self) -> None:
-        require_choice("export_format", self.export_format, EXPORT_FORMATS)
         require_choice("export_values", self.export_values, EXPORT_VALUES)
         sizes = EXPORT_GROUP_SIZES if self.export_values != "nf4" else EXPORT_GROUP_SIZES[1:]
         require(
@@ -328,13 +317,32 @@ class ExportArguments:
             f"(got {self.export_group_size})",
         )
 
-    @property
-    def dense(self) -> bool:
-        return self.export_format in ("dense", "both")
 
-    @property
-    def compressed(self) -> bool:
-        return self.export_format in ("compressed", "both")
+@dataclass
+class ExportArguments(SparseValuesArguments):
+    """What a pruned model is exported as: dense (``model/``, zeros included: loads anywhere, the original's size)
+    and sparse (``model-sparse/``: mask bits + kept values, a fraction of the size and a faster CPU decode). Both by
+    default: the dense copy is what every other tool and a later fine-tune read, the sparse one is what a user
+    deploys, and writing it costs seconds. A sliced model is smaller already and is exported dense only."""
+
+    export_dense: bool = field(
+        default=True,
+        metadata={"help": "Write model/ dense, with zeros in place (loads with plain transformers)."},
+    )
+    export_sparse: bool = field(
+        default=True,
+        metadata={
+            "help": "Write the sparse checkpoint (mask bits + kept values; loads with trust_remote_code=True): "
+            "model-sparse/ beside model/, or model/ itself with export_dense false."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.export_dense or self.export_sparse,
+            "export_dense and export_sparse are both false: set one of them true (nothing would be exported)",
+        )
 
 
 @dataclass

@@ -8,8 +8,8 @@ Layout of ``output_dir`` (each artifact is written atomically; its presence mark
 * ``finetune/checkpoint-N``: trainer checkpoints, resumed from after an interruption;
 * ``adapter/``: the trained mask-exact LoRA adapter and its training log;
 * ``model/`` then ``merge.json``: the merged sparse model (loads with plain transformers) and its masks; with
-  ``export_format: both`` (the default) also ``model-compressed/``, the same model as mask bits plus kept values
-  (:mod:`dlp.compress`; loads with ``trust_remote_code=True``); with ``compressed``, ``model/`` is that one;
+  with ``export_sparse`` (the default) also ``model-sparse/``, the same model as mask bits plus kept values
+  (:mod:`dlp.compress`; loads with ``trust_remote_code=True``); with ``export_dense: false``, ``model/`` is that one;
 * ``eval.json``: perplexity of the exported model, reloaded without dlp;
 * ``report.json``, ``summary.md``, ``sparsity.png``, ``loss.png`` and the model card ``model/README.md``;
   ``report.json`` comes last and marks the whole run finished.
@@ -193,12 +193,12 @@ def _check_training_settings(model_args, method: CompressionMethod, eval_args, f
         "train QLoRA with accelerate_configs/ddp.yaml or deepspeed_zero2.yaml",
     )
     require(
-        ft_args.export_format != "compressed" or method.compressible,
-        f"export_format: compressed needs masks (method prune); method {method.name}'s model is exported dense",
+        ft_args.export_dense or method.compressible,
+        f"export_dense: false needs masks (method prune); method {method.name}'s model is exported dense",
     )
     require(
-        not (ft_args.export_4bit and ft_args.export_format == "compressed"),
-        "export_4bit re-quantizes the dense export: set export_format to both (or dense) with it",
+        not (ft_args.export_4bit and not ft_args.export_dense),
+        "export_4bit re-quantizes the dense export: set export_dense true with it",
     )
     if model_args.load_in_4bit and not method.supports_4bit:
         from .stages import METHODS
@@ -476,7 +476,7 @@ def _evaluate_export(
     if model_args.load_in_4bit:
         evaluation["perplexity"]["pruned_4bit"] = measure(stage_dir / "model", bnb_config(model_args))[1].to_dict()
     evaluation["perplexity"]["finetuned"] = ppl.to_dict()
-    if ft_args.export_format == "both" and ft_args.export_values != "model" and masks is not None:
+    if ft_args.export_dense and ft_args.export_sparse and ft_args.export_values != "model" and masks is not None:
         model, ppl = measure(compressed_dir(out / "model"))  # quantized values: its own perplexity
         evaluation["perplexity"][f"finetuned_{ft_args.export_values}"] = ppl.to_dict()
     if ft_args.export_4bit:

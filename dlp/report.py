@@ -132,6 +132,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"- calibration: {cfg['nsamples']}×{cfg['seqlen']} tokens of `{cfg['calibration_data']}`, seed {cfg['seed']}, "
         f"sha256 `{report['calibration_sha256'][:16]}…`",
         f"- masks: `masks.safetensors`, digest `{report['masks_digest'][:16]}…`",
+        *_sparse_export_line(report.get("sparse_export")),
         f"- prune mode {cfg['prune_mode']}",
         resources_line(report["timings"], report.get("peak_memory")),
         "",
@@ -144,6 +145,18 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if any_ppl:
         lines += [f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.", ""]
     return "\n".join(lines + _search_lines(report.get("allocation_details")) + _layer_table(report))
+
+
+def _sparse_export_line(sparse: dict[str, Any] | None) -> list[str]:
+    """Where the sparse checkpoint is and what it weighs (a run with ``export_sparse``)."""
+    if not sparse:
+        return []
+    values = "the model dtype" if sparse["values"] == "model" else sparse["values"]
+    return [
+        f"- `{sparse['dir']}/`: mask bits + kept values ({values}), pruned projections "
+        f"{sparse['projection_ratio']:.3f}× their bf16 size, weight file {sparse['file_ratio']:.3f}× the model's in "
+        "bf16; loads with `trust_remote_code=True`"
+    ]
 
 
 def _search_lines(details: dict[str, Any] | None) -> list[str]:
@@ -209,16 +222,17 @@ def _fmt_diff(merge: dict) -> str:
 
 def _export_lines(cfg: dict[str, Any], masks_digest: str) -> list[str]:
     """Where the masks are and which exports the run wrote, with how each loads."""
-    export, values = cfg.get("export_format", "dense"), cfg.get("export_values", "model")
+    dense, sparse = cfg.get("export_dense", True), cfg.get("export_sparse", False)
+    values = cfg.get("export_values", "model")
     compressed = (
         f"mask bits + kept values ({'the model dtype' if values == 'model' else values}), loads with "
         "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (a sparse CPU kernel decodes on it)"
     )
-    if export == "compressed":
-        return [f"- masks: in the weight file (digest `{masks_digest[:16]}…`); this model is compressed: {compressed}"]
+    if not dense:
+        return [f"- masks: in the weight file (digest `{masks_digest[:16]}…`); this model is sparse: {compressed}"]
     lines = [f"- masks: `masks.safetensors`, digest `{masks_digest[:16]}…`"]
-    if export == "both":
-        lines.append(f"- `model-compressed/` beside this model holds it compressed: {compressed}")
+    if sparse:
+        lines.append(f"- `model-sparse/` beside this model holds it sparse: {compressed}")
     return lines
 
 
@@ -255,7 +269,7 @@ def pruned_finetune_markdown(report: dict[str, Any]) -> str:
             else []
         ),
         *(
-            f"| the same, compressed with {v} values (`model-compressed/`) | {_fmt_ppl(ppl[f'finetuned_{v}'])} |"
+            f"| the same, compressed with {v} values (`model-sparse/`) | {_fmt_ppl(ppl[f'finetuned_{v}'])} |"
             for v in ("int8", "int4", "nf4")
             if f"finetuned_{v}" in ppl
         ),

@@ -54,6 +54,7 @@ class PruneReport(StageReport):
     zero_shot: dict[str, Any] | None = None
     allocation_details: dict[str, Any] | None = None  # what the allocator adds (the search: its result, fitness)
     peak_memory: dict[str, float | None] | None = None  # dlp.resources.peak_memory of the process that ran it
+    sparse_export: dict[str, Any] | None = None  # model-sparse/: its values and sizes (dlp.compress.checkpoint_sizes)
 
 
 @dataclass

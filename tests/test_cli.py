@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
+from dlp.compressed import load_compressed
 from dlp.masks import MaskSet
 
 SCRIPT = str(REPO / "train" / "prune.py")
@@ -31,6 +33,8 @@ def test_prune_cli_end_to_end(tmp_path, tiny_args):
         "layer_scores.json",
         "model/config.json",
         "model/model.safetensors",
+        "model-sparse/model.safetensors",  # export_sparse (the default): mask bits + kept values
+        "model-sparse/modeling_compressed.py",
     ):
         assert (out / artifact).is_file(), artifact
     report = json.loads((out / "report.json").read_text())
@@ -44,7 +48,12 @@ def test_prune_cli_end_to_end(tmp_path, tiny_args):
     assert masks.metadata["seed"] == 0 and masks.metadata["calibration_sha256"] == report["calibration_sha256"]
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # plain transformers, no dlp needed
     assert masks.violations(model) == 0
-    parts = ("load_s", "eval_dense_s", "score_s", "allocate_s", "prune_s", "save_s", "eval_pruned_s")
+    sparse = load_compressed(out / "model-sparse", "dense").state_dict()  # bitwise the dense export
+    assert all(torch.equal(sparse[k], v) for k, v in model.state_dict().items())
+    assert report["sparse_export"]["dir"] == "model-sparse" and report["sparse_export"]["values"] == "model"
+    assert "- `model-sparse/`: mask bits + kept values (the model dtype)" in (out / "summary.md").read_text()
+    assert "model/, model-sparse/" in result.stdout
+    parts = ("load_s", "eval_dense_s", "score_s", "allocate_s", "prune_s", "save_s", "export_sparse_s", "eval_pruned_s")
     assert list(report["timings"]) == list(parts) and all(report["timings"][p] > 0 for p in parts)
     assert report["peak_memory"]["host_mib"] > 100 and report["peak_memory"]["device_mib"] is None  # CPU only
     assert "- wall time: load " in (out / "summary.md").read_text()
@@ -96,6 +105,8 @@ def test_same_seed_bit_identical_masks_other_seed_differs(tmp_path, tiny_args):
         (["--calibration_data", "builtin:nothing"], "data source 'builtin:nothing' unknown"),
         (["--model_name_or_path", "/nonexistent/dir.gguf"], "model: GGUF file not found"),
         (["--allocation", "explicit", "--layer_sparsities", "0.5,0.6"], "layer_sparsities must list 3 values"),
+        (["--export_dense", "false"], "export_dense: train/prune.py always writes the dense model/"),
+        (["--export_values", "int3"], "export_values must be one of model, int8, int4, nf4 (got 'int3')"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_args, override, message):
@@ -103,6 +114,25 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_args, override, mess
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_export_settings_shape_the_sparse_copy_and_never_the_masks(tmp_path, tiny_args):
+    """``--export_sparse false`` writes no ``model-sparse/``; int8 values write it quantized; the masks are the
+    same bytes either way (export settings stay out of their metadata), and the recipe records them."""
+    common = [*tiny_args, "--eval_dense", "false"]
+    off = _run([*common, "--output_dir", str(tmp_path / "off"), "--export_sparse", "false"])
+    int8 = _run(
+        [*common, "--output_dir", str(tmp_path / "int8"), "--export_values", "int8", "--export_group_size", "32"]
+    )
+    assert off.returncode == 0 and int8.returncode == 0, (off.stderr + int8.stderr)[-2000:]
+    assert not (tmp_path / "off" / "model-sparse").exists() and (tmp_path / "off" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "off" / "report.json").read_text())["sparse_export"] is None
+    config = json.loads((tmp_path / "int8" / "model-sparse" / "config.json").read_text())["dlp_compressed"]
+    assert config["values"] == "int8" and config["group_size"] == 32
+    report = json.loads((tmp_path / "int8" / "report.json").read_text())
+    assert report["config"]["export_values"] == "int8" and report["sparse_export"]["projection_ratio"] < 1
+    masks = [(tmp_path / run / "masks.safetensors").read_bytes() for run in ("off", "int8")]
+    assert masks[0] == masks[1]
 
 
 def test_unknown_recipe_key_is_a_user_error(tmp_path):

@@ -311,7 +311,7 @@ def test_compress_script_and_its_one_line_errors(tmp_path):
     masks.save(tmp_path / "run" / "masks.safetensors")
     beside = subprocess.run([*script, "--model_dir", str(tmp_path / "run" / "model")], capture_output=True, text=True)
     assert beside.returncode == 0, beside.stderr[-2000:]
-    assert is_compressed_checkpoint(tmp_path / "run" / "model-compressed")
+    assert is_compressed_checkpoint(tmp_path / "run" / "model-sparse")
     ok = subprocess.run(
         [*script, "--model_dir", str(tmp_path / "model"), "--export_values", "int8"],
         capture_output=True,
@@ -319,7 +319,7 @@ def test_compress_script_and_its_one_line_errors(tmp_path):
         timeout=300,
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "pruned projections" in ok.stdout and is_compressed_checkpoint(tmp_path / "model-compressed")
+    assert "pruned projections" in ok.stdout and is_compressed_checkpoint(tmp_path / "model-sparse")
     for args, message in [
         (["--model_dir", str(tmp_path / "model"), "--export_values", "int3"], "export_values must be one of"),
         (

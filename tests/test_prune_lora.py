@@ -77,10 +77,10 @@ def merged_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_compressed_copy_is_the_model(run_dir: Path) -> None:
-    """``model-compressed/`` (export_format both, the default) decompresses bitwise into ``model/``."""
+    """``model-sparse/`` (export_sparse, the default) decompresses bitwise into ``model/``."""
     from dlp.compressed import load_compressed
 
-    reloaded = load_compressed(run_dir / "model-compressed", "dense").state_dict()
+    reloaded = load_compressed(run_dir / "model-sparse", "dense").state_dict()
     dense = merged_weights(run_dir)
     assert all(torch.equal(reloaded[key], dense[key]) for key in dense), run_dir
 
@@ -103,9 +103,9 @@ def test_pipeline_writes_every_artifact_and_a_consistent_report(reference_run):
         "model/config.json",
         "model/README.md",
         "model/masks.safetensors",
-        "model-compressed/model.safetensors",  # export_format both (the default): mask bits + kept values
-        "model-compressed/modeling_compressed.py",
-        "model-compressed/sparse_kernel.py",
+        "model-sparse/model.safetensors",  # export_sparse (the default): mask bits + kept values
+        "model-sparse/modeling_compressed.py",
+        "model-sparse/sparse_kernel.py",
         "report.json",
         "summary.md",
         "sparsity.png",
@@ -153,7 +153,7 @@ def test_export_obeys_the_masks_and_reloads_without_dlp(reference_run):
     # the compressed export decompresses, without dlp, into the same weights
     code = (
         "import sys; sys.modules['dlp'] = None; import torch; from transformers import AutoModelForCausalLM as M; "
-        f"c = M.from_pretrained({str(reference_run / 'model-compressed')!r}, trust_remote_code=True, "
+        f"c = M.from_pretrained({str(reference_run / 'model-sparse')!r}, trust_remote_code=True, "
         "compressed_mode='dense'); "
         f"d = M.from_pretrained({str(reference_run / 'model')!r}); "
         "a, b = c.state_dict(), d.state_dict(); assert a.keys() == b.keys(); "
@@ -190,8 +190,8 @@ def test_standalone_merge_script_reproduces_the_export(reference_run, tmp_path):
     assert "0 nonzero pruned weights" in result.stdout
     ours, theirs = load_file(str(tmp_path / "merged" / "model.safetensors")), merged_weights(reference_run)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    compressed = "model-compressed/model.safetensors"
-    assert (tmp_path / "merged-compressed" / "model.safetensors").read_bytes() == (
+    compressed = "model-sparse/model.safetensors"
+    assert (tmp_path / "merged-sparse" / "model.safetensors").read_bytes() == (
         reference_run / compressed
     ).read_bytes()
 
@@ -258,10 +258,13 @@ def test_resuming_with_another_recipe_is_refused(reference_run, tmp_path):
             ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "int4"],
             "invalid choice: 'int4' (choose from 'fp4', 'nf4')",
         ),
-        (["--export_format", "sparse"], "export_format must be one of dense, compressed, both (got 'sparse')"),
+        (
+            ["--export_dense", "false", "--export_sparse", "false"],
+            "export_dense and export_sparse are both false: set one of them true",
+        ),
         (["--export_values", "int3"], "export_values must be one of model, int8, int4, nf4 (got 'int3')"),
         (["--export_values", "nf4", "--export_group_size", "0"], "export_group_size must be one of 32,"),
-        (["--export_format", "compressed", "--export_4bit", "true"], "export_4bit re-quantizes the dense export"),
+        (["--export_dense", "false", "--export_4bit", "true"], "export_4bit re-quantizes the dense export"),
     ],
 )
 def test_bad_recipe_values_exit_2_with_one_line(tiny_model_dir, tmp_path, override, message):
@@ -275,10 +278,10 @@ def test_bad_recipe_values_exit_2_with_one_line(tiny_model_dir, tmp_path, overri
 def test_a_compressed_only_export_with_nf4_values_is_evaluated_through_its_remote_code(
     reference_run, tiny_model_dir, tmp_path
 ):
-    """export_format compressed: model/ is the compressed checkpoint (NF4 values), reloaded without dlp for the
+    """export_dense false: model/ is the sparse checkpoint (NF4 values), reloaded without dlp for the
     evaluation; the prune stage and adapter of the reference run are reused, so only merge, export and evaluation
     run."""
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, export_format="compressed", export_values="nf4")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, export_dense=False, export_values="nf4")
     out = tmp_path / "run"
     out.mkdir()
     result = run(
@@ -299,7 +302,7 @@ def test_a_compressed_only_export_with_nf4_values_is_evaluated_through_its_remot
     assert "model/ (merged, mask bits + kept values, trust_remote_code=True)" in result.stdout
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["model_type"] == "dlp_compressed" and config["dlp_compressed"]["values"] == "nf4"
-    assert not (out / "model-compressed").exists() and (out / "model" / "README.md").is_file()
+    assert not (out / "model-sparse").exists() and (out / "model" / "README.md").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["reloaded_violations"] == 0 and report["perplexity"]["finetuned"]["value"] > 1
 

@@ -1,11 +1,11 @@
-"""Compress a pruned model directory into a compressed export (mask bits + kept values).
+"""Compress a pruned model directory into a sparse export (mask bits + kept values).
 
-    python train/compress.py --model_dir RUN/model [--output_dir RUN/model-compressed] [--export_values int8]
+    python train/compress.py --model_dir RUN/model [--output_dir RUN/model-sparse] [--export_values int8]
 
 The input is a dense dlp export (the pipeline's ``model/``, with ``masks.safetensors`` inside, or a
 ``train/prune.py`` run's ``model/``, with it beside); the output loads without dlp with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. This is also how a run finished with
-``export_format: dense`` gets its compressed copy.
+``export_sparse: false`` gets its sparse copy.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from dlp.cli import run_cli  # noqa: E402
 from dlp.compress import checkpoint_sizes, compressed_dir, export_compressed  # noqa: E402
-from dlp.config import ExportArguments, parse_config  # noqa: E402
+from dlp.config import SparseValuesArguments, parse_config  # noqa: E402
 from dlp.errors import require  # noqa: E402
 from dlp.masks import MaskSet, masks_of_model  # noqa: E402
 from dlp.modeling import load_model_and_tokenizer  # noqa: E402
@@ -29,7 +29,7 @@ from dlp.rundir import check_writable_dir  # noqa: E402
 class CompressArguments:
     model_dir: str = field(metadata={"help": "A pruned model directory (a dlp export, e.g. RUN/model)."})
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where to write it (default: MODEL_DIR-compressed)."}
+        default=None, metadata={"help": "Where to write it (default: MODEL_DIR-sparse, e.g. RUN/model-sparse)."}
     )
     masks: str | None = field(
         default=None, metadata={"help": "masks.safetensors (default: inside model_dir, else beside it)."}
@@ -40,11 +40,7 @@ class CompressArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, export = parse_config([CompressArguments, ExportArguments], argv)
-    require(
-        export.export_format != "dense",
-        "export_format: train/compress.py writes the compressed export only (leave export_format unset)",
-    )
+    args, export = parse_config([CompressArguments, SparseValuesArguments], argv)
     output_dir = args.output_dir or str(compressed_dir(args.model_dir.rstrip("/")))
     check_writable_dir(output_dir)  # before anything is loaded: never a directory of the user's
     masks_path = args.masks or str(masks_of_model(args.model_dir))

@@ -5,8 +5,8 @@
 
 The result is W' = (W + s·B·A) ⊙ M for every adapted projection: pruned weights stay exactly zero (a plain peft
 ``merge_and_unload`` would fill them in). The output loads with ``AutoModelForCausalLM.from_pretrained``; with
-``--export_format both`` (the default) a compressed copy (mask bits + kept values, ``trust_remote_code=True``) goes
-to ``OUTPUT_DIR-compressed``, with ``compressed`` it is the output itself.
+``--export_sparse true`` (the default) a sparse copy (mask bits + kept values, ``trust_remote_code=True``) goes to
+``OUTPUT_DIR-sparse``; with ``--export_dense false`` the output itself is the sparse one.
 
 An adapter trained on a 4-bit base (QLoRA) merges into the full-precision pruned weights by default
 (``--merge_base full``: no quantization error in the exported weights); ``--merge_base dequantized`` merges
@@ -68,7 +68,7 @@ class MergeArguments:
 def main(argv: list[str] | None = None):
     args, export = parse_config([MergeArguments, ExportArguments], argv)
     check_writable_dir(args.output_dir)  # before anything is loaded: never a directory of the user's
-    if export.export_format == "both":
+    if export.export_dense and export.export_sparse:
         check_writable_dir(str(compressed_dir(args.output_dir.rstrip("/"))))
     masks_path = args.masks or os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "masks.safetensors")
     require(os.path.isfile(masks_path), f"masks: file not found: {masks_path} (pass --masks)")

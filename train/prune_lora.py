@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _exports(method, ft_args) -> list[str]:
     """The result line's export directories, each with how it loads."""
-    if not (method.compressible and ft_args.compressed):
+    if not (method.compressible and ft_args.export_sparse):
         loads = "trust_remote_code=True" if method.trust_remote_code else "loads with transformers"
         return [f"model/ (merged, {loads})"]
     compressed = "mask bits + kept values, trust_remote_code=True"
-    if not ft_args.dense:
+    if not ft_args.export_dense:
         return [f"model/ (merged, {compressed})"]
-    return ["model/ (merged, loads with transformers)", f"model-compressed/ ({compressed})"]
+    return ["model/ (merged, loads with transformers)", f"model-sparse/ ({compressed})"]
 
 
 if __name__ == "__main__":

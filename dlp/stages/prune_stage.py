@@ -11,13 +11,14 @@ In the pipeline, a pruned model carries its masks through LoRA (mask-exact adapt
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from ..allocate import AllocationRequest, explicit_sparsities, weighted_mean
 from ..allocators import ALLOCATORS, compute_sparsities
-from ..config import CalibrationArguments, EvalArguments, PruneArguments, RunArguments
+from ..compress import checkpoint_sizes, compressed_dir, export_compressed
+from ..config import CalibrationArguments, EvalArguments, ExportArguments, PruneArguments, RunArguments
 from ..criteria import PruneSpec, get_criterion, parse_pattern
 from ..errors import ResultCheckFailed, require
 from ..evaluate import zero_shot
@@ -79,16 +80,28 @@ def run_prune(
     prune_args: PruneArguments,
     eval_args: EvalArguments,
     run_args: RunArguments,
+    export: ExportArguments | None = None,
 ) -> PruneReport:
-    """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir)."""
-    config = run_config(calib_args, prune_args, run_args)
-    preflight = lambda: check_prune_settings(model_args, calib_args, prune_args, eval_args)  # noqa: E731
+    """Prune ``model_args.model_name_or_path`` as configured; return the report (also written to output_dir).
+
+    ``export`` (``train/prune.py``'s export settings) adds the sparse checkpoint ``model-sparse/`` beside the dense
+    ``model/``; the pipeline's own prune stage passes none (it exports the fine-tuned model instead)."""
+    config = run_config(calib_args, prune_args, run_args) | (asdict(export) if export else {})
+
+    def preflight() -> None:
+        check_prune_settings(model_args, calib_args, prune_args, eval_args)
+        require(
+            export is None or export.export_dense,
+            "export_dense: train/prune.py always writes the dense model/ (fine-tuning and resuming start from it); "
+            "leave it true (or set save_model false to write no model)",
+        )
+
     return run_stage(
         run_args,
         config,
         preflight,
         PruneReport,
-        lambda: _prune_run(model_args, calib_args, prune_args, eval_args, run_args, config),
+        lambda: _prune_run(model_args, calib_args, prune_args, eval_args, run_args, config, export),
     )
 
 
@@ -99,6 +112,7 @@ def _prune_run(
     eval_args: EvalArguments,
     run_args: RunArguments,
     config: dict[str, Any],
+    export: ExportArguments | None = None,
 ) -> PruneReport:
     """The prune stage in a locked ``output_dir`` that holds no finished run (see :func:`run_prune`)."""
     out = Path(run_args.output_dir)
@@ -133,6 +147,10 @@ def _prune_run(
                     model.save_pretrained(tmp)
                     tokenizer.save_pretrained(tmp)
     assert masks.violations(model) == 0, "pruned weights are not all zero"  # an internal invariant, not user input
+    sparse = None
+    if export is not None and export.export_sparse and run_args.save_model:
+        with timed(timings, "export_sparse"):
+            sparse = _export_sparse(out / "model", model, tokenizer, masks, export)
 
     ppl["pruned"] = inputs.perplexity(model, "pruned")
     report = PruneReport(
@@ -146,6 +164,7 @@ def _prune_run(
         **_sparsity_section(model, masks, sparsities),
         layer_scores=[asdict(s) for s in scoring.layers] if scoring else None,
         allocation_details=describe(out) if (describe := ALLOCATORS[prune_args.allocation].describe) else None,
+        sparse_export=sparse,
     )
     if eval_args.eval_tasks:
         report.zero_shot = zero_shot(
@@ -213,13 +232,27 @@ def _allocate(
     return scoring, sparsities
 
 
+# What the model is exported as does not shape the masks: kept out of their metadata, so equal masks stay equal bytes.
+EXPORT_KEYS = frozenset(f.name for f in fields(ExportArguments))
+
+
+def _export_sparse(dense_dir: Path, model, tokenizer, masks: MaskSet, export: ExportArguments) -> dict[str, Any]:
+    """The sparse checkpoint beside ``dense_dir`` (written unless a resumed run wrote it already: the directory
+    appears only complete), and what it weighs."""
+    target = compressed_dir(dense_dir)
+    if not (target / "config.json").is_file():
+        export_compressed(model, tokenizer, masks, target, export.export_values, export.export_group_size)
+    sizes = checkpoint_sizes(target)
+    return {"dir": target.name, "values": export.export_values, **sizes}
+
+
 def mask_metadata(
     model, model_id: str, config: dict[str, Any], sparsities: list[float], seed: int, calibration_sha256: str
 ) -> dict[str, Any]:
     """What a mask file records of how it was made: the model and its fingerprint, the recipe (not where it was
     written, nor whether to start over: those do not shape the masks, and would make equal masks differ in bytes),
     the per-layer sparsities, the seed and the calibration data's hash."""
-    recipe = {key: value for key, value in config.items() if key not in NOT_RECIPE}
+    recipe = {key: value for key, value in config.items() if key not in NOT_RECIPE and key not in EXPORT_KEYS}
     return {
         "model": model_id,
         "fingerprint": model_fingerprint(model),
