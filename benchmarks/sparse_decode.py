@@ -76,22 +76,48 @@ def cpu_line() -> str:
     return f"{name}, {torch.get_num_threads()} threads, {' '.join(have) or 'no AVX2'}"
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+# Loads a model directory in a fresh process, generates two tokens, prints the resident set's growth and its peak
+_RSS_CHILD = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+def mib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field))
+path, dtype, remote = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+before = mib("VmRSS:")
+extra = {"trust_remote_code": True} if remote else {"dtype": getattr(torch, dtype)}
+model = AutoModelForCausalLM.from_pretrained(path, **extra).eval()
+with torch.no_grad():
+    model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+print(mib("VmRSS:") - before, mib("VmHWM:") - before)
+"""
 
 
-@torch.no_grad()
-def resident(load, prompt: torch.Tensor):
-    """(model, MiB the process's resident set grew by, MiB of its tensors) for loading the model and generating
-    two tokens with it, so that weights read lazily from a memory-mapped file count once they are used."""
-    gc.collect()
-    before = rss_mib()
-    model = load()
-    model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    return model, rss_mib() - before, tensor_mib(model)
+def fresh_rss(path: Path, dtype: torch.dtype, remote: bool) -> tuple[float, float]:
+    """(MiB the resident set grew by, MiB it peaked at above where it started) for loading ``path`` and generating
+    two tokens, in a process of its own: in this one, memory the allocator kept from earlier models would hide the
+    growth. ``remote``: the sparse checkpoint through its own loader (``trust_remote_code=True``)."""
+    args = [sys.executable, "-c", _RSS_CHILD, str(path), str(dtype)[6:], "1" if remote else "0"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {path} failed: {done.stderr[-2000:]}")
+    grew, peak = done.stdout.split()[-2:]
+    return float(grew), float(peak)
+
+
+def memory_row(dense, dense_dir: Path, sparse, sparse_dir: Path, dtype: torch.dtype) -> dict:
+    """Each model's tensor bytes, and its resident memory measured in a fresh process (:func:`fresh_rss`)."""
+    dense_rss, dense_peak = fresh_rss(dense_dir, dtype, remote=False)
+    sparse_rss, sparse_peak = fresh_rss(sparse_dir, dtype, remote=True)
+    return {
+        "dense_tensor_mib": tensor_mib(dense),
+        "compressed_tensor_mib": tensor_mib(sparse),
+        "dense_rss_mib": dense_rss,
+        "compressed_rss_mib": sparse_rss,
+        "dense_peak_rss_mib": dense_peak,
+        "compressed_peak_rss_mib": sparse_peak,
+        "rss_ratio": sparse_rss / dense_rss,
+    }
 
 
 def tensor_mib(model) -> float:
@@ -248,14 +274,15 @@ def bench_1b(sparsities, dtypes, tokens, repeats, layers, workdir: Path) -> list
         for sparsity in sparsities:
             target = workdir / f"c-{sparsity}-{dtype}"
 
-            dense, dense_mib, dense_tensors = resident(lambda: llama_1b(dtype, layers), prompts[0])
+            dense = llama_1b(dtype, layers)
             export_compressed(dense, _NoTokenizer(), random_masks(dense, sparsity), target)
+            dense.save_pretrained(workdir / "dense")  # for the fresh-process memory measurement
             gc.collect()
-            sparse, sparse_mib, sparse_tensors = resident(lambda: load_compressed(target, "sparse"), prompts[0])
+            sparse = load_compressed(target, "sparse")
             row = {"model": f"random Llama 1B shape, {layers} layers", "sparsity": sparsity, "dtype": str(dtype)[6:]}
             row.update(_sizes(dense, target))
-            row.update(dense_rss_mib=dense_mib, compressed_rss_mib=sparse_mib)
-            row.update(dense_tensor_mib=dense_tensors, compressed_tensor_mib=sparse_tensors)
+            row.update(memory_row(dense, workdir / "dense", sparse, target, dtype))
+            _remove(workdir / "dense")
             row.update(decode(dense, sparse, prompts, tokens, repeats))
             rows.append(row)
             _print_row(row)
@@ -287,8 +314,8 @@ def _print_row(row: dict) -> None:
         f"  {row['model']} {100 * row['sparsity']:.0f}% {row['dtype']}: decode {row['dense_tokens_per_s']:.2f} → "
         f"{row['compressed_tokens_per_s']:.2f} tok/s ({row['decode_speedup']:.2f}x), first token "
         f"{row['dense_first_token_s']:.3f} → {row['compressed_first_token_s']:.3f} s, tensors "
-        f"{row['dense_tensor_mib']:.0f} → {row['compressed_tensor_mib']:.0f} MiB (RSS growth "
-        f"{row['dense_rss_mib']:.0f} → {row['compressed_rss_mib']:.0f}), projections "
+        f"{row['dense_tensor_mib']:.0f} → {row['compressed_tensor_mib']:.0f} MiB (resident in a fresh process "
+        f"{row['dense_rss_mib']:.0f} → {row['compressed_rss_mib']:.0f} MiB, {row['rss_ratio']:.3f}x), projections "
         f"{row['projection_ratio_vs_bf16']:.3f}x bf16, file {row['file_mb']:.0f} MB "
         f"({row['file_ratio_vs_bf16']:.3f}x bf16), identical tokens: {row['identical_tokens']}",
         flush=True,
@@ -315,16 +342,13 @@ def bench_smollm2(model_dir: str, dtypes, tokens, repeats, workdir: Path) -> lis
     for dtype in dtypes:
         target = workdir / f"smollm2-{dtype}"
 
-        dense, dense_mib, dense_tensors = resident(
-            lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval(), prompts[0]
-        )
+        dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         export_compressed(dense, tokenizer, masks, target)
         gc.collect()
-        sparse, sparse_mib, sparse_tensors = resident(lambda: load_compressed(target, "sparse"), prompts[0])
+        sparse = load_compressed(target, "sparse")
         row = {"model": "SmolLM2-135M 70% DLP", "sparsity": masks.sparsity_report()["overall"], "dtype": str(dtype)[6:]}
         row.update(_sizes(dense, target))
-        row.update(dense_rss_mib=dense_mib, compressed_rss_mib=sparse_mib)
-        row.update(dense_tensor_mib=dense_tensors, compressed_tensor_mib=sparse_tensors)
+        row.update(memory_row(dense, Path(model_dir), sparse, target, dtype))
         row.update(decode(dense, sparse, prompts, tokens, repeats))
         row["per_token_overhead_ms"] = _overhead_ms(sparse, prompts[0])
         rows.append(row)

@@ -90,9 +90,11 @@ inline __m256 expand8(__m256 values, unsigned byte) {
 struct Avx2F32 {
   const float* p;
   __m256 operator()(int64_t k, unsigned byte) const { return expand8(_mm256_loadu_ps(p + k), byte); }
+  const void* at(int64_t k) const { return p + k; }
 };
 struct Avx2BF16 {
   const uint16_t* p;
+  const void* at(int64_t k) const { return p + k; }
   __m256 operator()(int64_t k, unsigned byte) const {
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)));
     const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTable.shuffle16[byte]));
@@ -101,12 +103,14 @@ struct Avx2BF16 {
 };
 struct Avx2F16 {
   const uint16_t* p;
+  const void* at(int64_t k) const { return p + k; }
   __m256 operator()(int64_t k, unsigned byte) const {
     return expand8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k))), byte);
   }
 };
 struct Avx2I8 {
   const int8_t* p;
+  const void* at(int64_t k) const { return p + k; }
   __m256 operator()(int64_t k, unsigned byte) const {
     const __m256i both = _mm256_broadcastsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k)));
     const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTable.shuffle8[byte]));
@@ -117,6 +121,7 @@ struct Avx2I8 {
 struct Avx2Code4 {
   const uint8_t* p;
   __m256 low_table, high_table;  // codebook entries 0-7 and 8-15
+  const void* at(int64_t k) const { return p + (k >> 1); }
   __m256 operator()(int64_t k, unsigned byte) const {
     uint64_t word;
     std::memcpy(&word, p + (k >> 1), sizeof(word));
@@ -174,8 +179,13 @@ __attribute__((noinline)) void matmul_rows(const Weights& w, Load load, const fl
       for (int t = 0; t < T; ++t) sums[t] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(x + t * width + 8 * j), sums[t]);
     };
     int64_t j = 0;
-    for (; j + U <= w.stride; j += U)
+    for (; j + U <= w.stride; j += U) {
+      // ~2 KB ahead in the kept values and 256 B in the mask bits (into L2): a decode step reads every weight once
+      // from memory, and the hardware prefetcher alone left the kernel well below dense F.linear's bandwidth
+      __builtin_prefetch(static_cast<const char*>(load.at(k)) + 2048, 0, 2);
+      __builtin_prefetch(bits + j + 256, 0, 2);
       for (int u = 0; u < U; ++u) step(j + u, acc[u]);
+    }
     for (; j < w.stride; ++j) step(j, acc[0]);
     const float row_scale = (scale && !grouped) ? scale[0] : 1.0f;
     for (int t = 0; t < T; ++t) {
