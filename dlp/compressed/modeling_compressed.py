@@ -205,22 +205,31 @@ class DlpCompressedConfig(PretrainedConfig):
         return AutoConfig.for_model(base.pop("model_type"), **base)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict]:
-    """(compressed projections: name → {mask, values[, scales]}, every other tensor, each projection's spec)."""
+@contextmanager
+def open_checkpoint(path: str | Path):
+    """(every plain tensor, each projection's spec, ``read(name)`` → that projection's {mask, values[, scales]}),
+    while the file is open. Reading the projections one at a time lets a loader turn each into its final form
+    before the next is read, so the process never holds the whole model twice. Every tensor is copied out of the
+    file: safetensors hands out views of its memory map, and one view kept alive (an embedding) would keep every
+    page the loader touched resident beside the copies."""
     with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as handle:
         meta = handle.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a dlp compressed checkpoint (format {meta.get('format')!r})")
         specs = json.loads(meta["projections"])
-        compressed: dict[str, dict[str, torch.Tensor]] = {name: {} for name in specs}
+        parts: dict[str, list[str]] = {name: [] for name in specs}
         plain = {}
         for key in handle.keys():
             owner, _, part = key.rpartition(".weight.")
             if owner in specs:
-                compressed[owner][part] = handle.get_tensor(key)
+                parts[owner].append(part)
             else:
-                plain[key] = handle.get_tensor(key)
-    return compressed, plain, specs
+                plain[key] = handle.get_tensor(key).clone()
+
+        def read(name: str) -> dict[str, torch.Tensor]:
+            return {part: handle.get_tensor(f"{name}.weight.{part}").clone() for part in parts[name]}
+
+        yield plain, specs, read
 
 
 def _architecture_class(base: PretrainedConfig):
@@ -240,11 +249,12 @@ def _stored_weight(dense: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
 
 def load_dense(path: str | Path, config: DlpCompressedConfig, **kwargs) -> nn.Module:
     """The architecture's own model with every weight decompressed (``from_pretrained`` on the state dict)."""
-    compressed, plain, specs = read_checkpoint(path)
+    with open_checkpoint(path) as (plain, specs, read):
+        for name, spec in specs.items():
+            entry = read(name)
+            dtype = entry["values"].dtype if spec["values"] not in QUANTIZED else _float_dtype(plain)
+            plain[f"{name}.weight"] = _stored_weight(dense_weight(entry, spec, dtype), spec)
     base = config.architecture_config()
-    for name, entry in compressed.items():
-        dtype = entry["values"].dtype if specs[name]["values"] not in QUANTIZED else _float_dtype(plain)
-        plain[f"{name}.weight"] = _stored_weight(dense_weight(entry, specs[name], dtype), specs[name])
     model = _architecture_class(base).from_pretrained(None, config=base, state_dict=plain, **kwargs)
     _load_generation_config(model, path)
     return model.eval()
@@ -279,16 +289,16 @@ def _parameters_on_meta():
 
 def load_sparse(path: str | Path, config: DlpCompressedConfig, attn_implementation: str | None = None) -> nn.Module:
     """The architecture's own model with every pruned projection a :class:`SparseLinear` (CPU, eval mode)."""
-    compressed, plain, specs = read_checkpoint(path)
     base = config.architecture_config()
     with _parameters_on_meta():
         attention = {"attn_implementation": attn_implementation} if attn_implementation else {}  # else transformers'
         model = _architecture_class(base)._from_config(base, **attention)  # default for the architecture
-    dtype = _float_dtype(plain)
-    for name, entry in compressed.items():
-        bias = plain.pop(f"{name}.bias", None)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SparseLinear(entry, specs[name], bias, dtype))
+    with open_checkpoint(path) as (plain, specs, read):
+        dtype = _float_dtype(plain)
+        for name, spec in specs.items():  # one projection in memory twice at a time, not the model
+            bias = plain.pop(f"{name}.bias", None)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SparseLinear(read(name), spec, bias, dtype))
     for key, tensor in plain.items():
         owner, _, leaf = key.rpartition(".")
         target = model.get_submodule(owner)
