@@ -208,11 +208,15 @@ class DlpCompressedConfig(PretrainedConfig):
 @contextmanager
 def open_checkpoint(path: str | Path):
     """(every plain tensor, each projection's spec, ``read(name)`` → that projection's {mask, values[, scales]}),
-    while the file is open. Reading the projections one at a time lets a loader turn each into its final form
-    before the next is read, so the process never holds the whole model twice. Every tensor is copied out of the
-    file: safetensors hands out views of its memory map, and one view kept alive (an embedding) would keep every
-    page the loader touched resident beside the copies."""
-    with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as handle:
+    while the file is open.
+
+    Memory: the plain tensors (embeddings, norms) stay views of the file's memory map, as transformers' own loader
+    keeps them, so an embedding's rows are read from disk only when a token needs them. The projections are read
+    through a second map, copied out (their layers keep their own layout) and that map is closed, so the pages read
+    for them do not stay resident beside the copies; one at a time, so a loader turns each into its final form
+    before the next is read and never holds the model twice."""
+    weights = str(Path(path) / WEIGHTS_NAME)
+    with safe_open(weights, framework="pt") as handle:
         meta = handle.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a dlp compressed checkpoint (format {meta.get('format')!r})")
@@ -224,10 +228,11 @@ def open_checkpoint(path: str | Path):
             if owner in specs:
                 parts[owner].append(part)
             else:
-                plain[key] = handle.get_tensor(key).clone()
+                plain[key] = handle.get_tensor(key)
+    with safe_open(weights, framework="pt") as projections:
 
         def read(name: str) -> dict[str, torch.Tensor]:
-            return {part: handle.get_tensor(f"{name}.weight.{part}").clone() for part in parts[name]}
+            return {part: projections.get_tensor(f"{name}.weight.{part}").clone() for part in parts[name]}
 
         yield plain, specs, read
 
