@@ -191,9 +191,7 @@ def test_standalone_merge_script_reproduces_the_export(reference_run, tmp_path):
     ours, theirs = load_file(str(tmp_path / "merged" / "model.safetensors")), merged_weights(reference_run)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     compressed = "model-sparse/model.safetensors"
-    assert (tmp_path / "merged-sparse" / "model.safetensors").read_bytes() == (
-        reference_run / compressed
-    ).read_bytes()
+    assert (tmp_path / "merged-sparse" / "model.safetensors").read_bytes() == (reference_run / compressed).read_bytes()
 
 
 def test_reusing_the_prune_stage_trains_the_same_adapter_bit_for_bit(reference_run, tmp_path):
