@@ -195,6 +195,11 @@ def test_rerun_after_a_crash_reuses_masks_and_model(tmp_path, tiny_args):
     assert resumed["masks_digest"] == digest
     assert "resume_s" in resumed["timings"] and "prune_s" not in resumed["timings"]  # no pruning was timed
     (out / "report.json").unlink()
+    int8 = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false", "--export_values", "int8"])
+    assert int8.returncode == 0 and "pruning skipped" in int8.stdout  # the same masks: resumed
+    sparse = json.loads((out / "model-sparse" / "config.json").read_text())["dlp_compressed"]
+    assert sparse["values"] == "int8"  # the sparse copy follows the recipe, not the run it resumed
+    (out / "report.json").unlink()
     changed = _run([*tiny_args, "--output_dir", str(out), "--eval_dense", "false", "--sparsity", "0.5"])
     assert changed.returncode == 0 and "pruning skipped" not in changed.stdout  # other recipe: masks not reused
     assert json.loads((out / "report.json").read_text())["masks_digest"] != digest

@@ -237,11 +237,11 @@ EXPORT_KEYS = frozenset(f.name for f in fields(ExportArguments))
 
 
 def _export_sparse(dense_dir: Path, model, tokenizer, masks: MaskSet, export: ExportArguments) -> dict[str, Any]:
-    """The sparse checkpoint beside ``dense_dir`` (written unless a resumed run wrote it already: the directory
-    appears only complete), and what it weighs."""
+    """The sparse checkpoint beside ``dense_dir``, and what it weighs. Written even when a resumed run finds one:
+    the masks a run resumes from do not record the export settings, so one left by a run with other values would
+    be stale (writing it takes seconds)."""
     target = compressed_dir(dense_dir)
-    if not (target / "config.json").is_file():
-        export_compressed(model, tokenizer, masks, target, export.export_values, export.export_group_size)
+    export_compressed(model, tokenizer, masks, target, export.export_values, export.export_group_size)
     sizes = checkpoint_sizes(target)
     return {"dir": target.name, "values": export.export_values, **sizes}
 
