@@ -8,7 +8,7 @@ Layout of ``output_dir`` (each artifact is written atomically; its presence mark
 * ``finetune/checkpoint-N``: trainer checkpoints, resumed from after an interruption;
 * ``adapter/``: the trained mask-exact LoRA adapter and its training log;
 * ``model/`` then ``merge.json``: the merged sparse model (loads with plain transformers) and its masks; with
-  with ``export_sparse`` (the default) also ``model-sparse/``, the same model as mask bits plus kept values
+  ``export_sparse`` (the default) also ``model-sparse/``, the same model as mask bits plus kept values
   (:mod:`dlp.compress`; loads with ``trust_remote_code=True``); with ``export_dense: false``, ``model/`` is that one;
 * ``eval.json``: perplexity of the exported model, reloaded without dlp;
 * ``report.json``, ``summary.md``, ``sparsity.png``, ``loss.png`` and the model card ``model/README.md``;

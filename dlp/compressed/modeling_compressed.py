@@ -254,9 +254,10 @@ def _stored_weight(dense: torch.Tensor, spec: dict[str, Any]) -> torch.Tensor:
 def load_dense(path: str | Path, config: DlpCompressedConfig, **kwargs) -> nn.Module:
     """The architecture's own model with every weight decompressed (``from_pretrained`` on the state dict)."""
     plain, specs, read = open_checkpoint(path)
+    quantized_dtype = _float_dtype(plain)
     for name, spec in specs.items():
         entry = read(name)
-        dtype = entry["values"].dtype if spec["values"] not in QUANTIZED else _float_dtype(plain)
+        dtype = entry["values"].dtype if spec["values"] not in QUANTIZED else quantized_dtype
         plain[f"{name}.weight"] = _stored_weight(dense_weight(entry, spec, dtype), spec)
     base = config.architecture_config()
     model = _architecture_class(base).from_pretrained(None, config=base, state_dict=plain, **kwargs)
