@@ -83,7 +83,7 @@ def worker(variant: str, args) -> dict:
 
     def loss_of(ids: torch.Tensor) -> torch.Tensor:
         predicted = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
-        targets = None if teacher is None else teacher.targets(ids, predicted)
+        targets = None if teacher is None else teacher.targets({"input_ids": ids}, predicted)
         logits = student(input_ids=ids, use_cache=False).logits
         weight = 0.0 if teacher is None else args.weight
         return distillation_loss(logits, ids, targets, weight, args.temperature, int(predicted.sum()))[0]

@@ -19,6 +19,7 @@ from .criteria import CRITERIA, parse_pattern
 from .errors import DlpError, require
 from .placement import check_memory_setting
 from .pruner import check_prune_mode
+from .sft_data import TRAIN_FORMATS
 
 
 MERGE_BASES = ("full", "dequantized")
@@ -356,16 +357,25 @@ class FinetuneArguments(ExportArguments):
     train_data: str = field(
         default="builtin:wikitext2-valid",
         metadata={
-            "help": "Fine-tuning text: builtin:wikitext2-valid, a local .txt/.jsonl file, or a HF dataset id "
-            "(id or id:config)."
+            "help": "Fine-tuning data: builtin:wikitext2-valid, a local .txt/.jsonl/.json/.parquet file, a HF dataset "
+            "id (id or id:config), or selfgen:<prompts>: the dense model's answers to builtin:wikitext2-prompts or "
+            "to the prompts of a local file."
+        },
+    )
+    train_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Format of train_data: auto (detected from its columns, as trl does), text (windows of raw text), "
+            "prompt-completion or messages (rows trl templates, tokenizes and masks)."
         },
     )
     train_split: str = field(default="train", metadata={"help": "Split of a HF dataset to fine-tune on."})
     train_max_windows: int = field(
         default=0,
-        metadata={
-            "help": "Use at most N windows of max_length tokens (consecutive, from the start of the text); 0 = all."
-        },
+        metadata={"help": "Text: use at most N windows of max_length tokens (consecutive, from the start); 0 = all."},
+    )
+    train_max_rows: int = field(
+        default=0, metadata={"help": "Rows (prompt-completion, messages): use the first N rows only; 0 = all."}
     )
     prune_dir: str | None = field(
         default=None,
@@ -401,6 +411,8 @@ class FinetuneArguments(ExportArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.train_max_windows >= 0, f"train_max_windows must be >= 0 (got {self.train_max_windows})")
+        require(self.train_max_rows >= 0, f"train_max_rows must be >= 0 (got {self.train_max_rows})")
+        require_choice("train_format", self.train_format, TRAIN_FORMATS)
         require_choice("merge_base", self.merge_base, MERGE_BASES)
         require(
             not (self.prune_dir and self.slice_dir),
@@ -452,6 +464,53 @@ class DistillationArguments:
     def teacher_id(self, model_id: str) -> str:
         """The teacher's model id or directory (``dense``: the model the run compresses)."""
         return model_id if self.teacher == "dense" else self.teacher
+
+
+CHAT_EVAL_MODES = ("auto", "true", "false")
+SAMPLING = ("greedy", "sample")
+
+
+@dataclass
+class ChatArguments:
+    """Self-generated training data (``train_data: selfgen:<prompts>``) and the chat evaluation: both ask the dense
+    model, before compression, to answer chat prompts (:mod:`dlp.selfgen`, :mod:`dlp.chat_eval`)."""
+
+    selfgen_prompts: int = field(default=1024, metadata={"help": "selfgen: prompts answered (the first N of the set)."})
+    selfgen_max_new_tokens: int = field(default=128, metadata={"help": "selfgen: tokens per answer, at most."})
+    selfgen_sampling: str = field(
+        default="greedy", metadata={"help": "selfgen: greedy answers, or sample (temperature, top_p, the run's seed)."}
+    )
+    selfgen_temperature: float = field(default=0.7, metadata={"help": "selfgen: sampling temperature, > 0."})
+    selfgen_top_p: float = field(default=0.9, metadata={"help": "selfgen: nucleus sampling mass, in (0, 1]."})
+    selfgen_batch_size: int = field(default=16, metadata={"help": "selfgen and chat_eval: prompts per generate call."})
+    chat_eval: str = field(
+        default="auto",
+        metadata={
+            "help": "Score the dense model's greedy answers to held-out prompts with the dense, compressed and "
+            "fine-tuned models (answer perplexity, greedy match): true, false, or auto (when the tokenizer has a "
+            "chat template)."
+        },
+    )
+    chat_eval_data: str = field(
+        default="builtin:wikitext2-heldout-prompts",
+        metadata={"help": "Held-out prompts: builtin:wikitext2-heldout-prompts or a local .jsonl/.json/.parquet file."},
+    )
+    chat_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts scored (the first N)."})
+    chat_eval_max_new_tokens: int = field(default=128, metadata={"help": "Tokens per reference answer, at most."})
+    chat_eval_examples: int = field(
+        default=3, metadata={"help": "Held-out prompts whose greedy answers summary.md shows side by side."}
+    )
+
+    def __post_init__(self) -> None:
+        require_choice("chat_eval", str(self.chat_eval).lower(), CHAT_EVAL_MODES)
+        self.chat_eval = str(self.chat_eval).lower()
+        require_choice("selfgen_sampling", self.selfgen_sampling, SAMPLING)
+        for name in ("selfgen_prompts", "selfgen_max_new_tokens", "selfgen_batch_size", "chat_eval_prompts"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        require(self.chat_eval_max_new_tokens >= 1, "chat_eval_max_new_tokens must be >= 1")
+        require(self.chat_eval_examples >= 0, f"chat_eval_examples must be >= 0 (got {self.chat_eval_examples})")
+        require(self.selfgen_temperature > 0, f"selfgen_temperature must be > 0 (got {self.selfgen_temperature})")
+        require(0 < self.selfgen_top_p <= 1, f"selfgen_top_p must be in (0, 1] (got {self.selfgen_top_p})")
 
 
 @dataclass

@@ -50,7 +50,7 @@ BUILTIN_SOURCES = {
     "builtin:wikitext2-valid": _BUILTIN_DIR / "wikitext2.valid.tokens.gz",
     "builtin:wikitext2-test": _BUILTIN_DIR / "wikitext2.test.raw.gz",
 }
-_TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
+TEXT_SUFFIXES = {".txt", ".tokens", ".raw"}
 
 
 CHARS_PER_TOKEN = 8  # first guess of the characters a needed token takes (real text: about 4)
@@ -163,8 +163,8 @@ def check_source(source: str, field: str = "data", scan: bool = True) -> None:
         return
     require(path.is_file(), f"{field}: {path} is a directory, not a text file")
     require(
-        path.suffix == ".jsonl" or path.suffix in _TEXT_SUFFIXES,
-        f"{field}: {path} must end in .jsonl or one of {sorted(_TEXT_SUFFIXES)}",
+        path.suffix == ".jsonl" or path.suffix in TEXT_SUFFIXES,
+        f"{field}: {path} must end in .jsonl or one of {sorted(TEXT_SUFFIXES)}",
     )
     if not scan:
         return

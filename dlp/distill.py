@@ -37,10 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import require
-from .rundir import atomic_file, atomic_write_json, read_json
+from .rundir import cache_complete as sharded_cache_complete, atomic_file, atomic_write_json, read_json
 
 CACHE_DIR = "teacher"
-SHARD_WINDOWS = 16  # windows per cache shard: the unit a killed caching run loses at most
+SHARD_SEQUENCES = 16  # sequences per cache shard: the unit a killed caching run loses at most
 
 
 @dataclass(frozen=True)
@@ -111,45 +111,76 @@ class OnlineTeacher:
         self.temperature = temperature
 
     @torch.no_grad()
-    def targets(self, input_ids: torch.Tensor, predicted: torch.Tensor) -> Targets:
+    def targets(self, inputs: dict[str, torch.Tensor], predicted: torch.Tensor) -> Targets:
+        """The teacher's log-probabilities where the student is trained: the same ``inputs`` (ids, attention
+        mask or packed position ids), so it sees exactly the student's tokens and sequence boundaries."""
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=input_ids.to(device), use_cache=False).logits[:, :-1]
+        moved = {name: value.to(device) if torch.is_tensor(value) else value for name, value in inputs.items()}
+        logits = self.model(**moved, use_cache=False).logits[:, :-1]
         log_probs = F.log_softmax(logits[predicted.to(device)].float() / self.temperature, dim=-1)
-        return Targets(log_probs.to(input_ids.device))
+        return Targets(log_probs.to(inputs["input_ids"].device))
+
+
+def sequences_of_row(input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> list[tuple[int, int]]:
+    """The ``(start, end)`` spans of the separate sequences in one batch row: packed sequences start where the
+    position ids restart at 0 (trl's padding-free collator), a padded row ends at its attention mask's last 1
+    (trl pads on the right), and a plain window is one sequence."""
+    length = input_ids.shape[0]
+    if position_ids is not None:
+        starts = (position_ids == 0).nonzero().flatten().tolist()
+        return [(a, b) for a, b in zip(starts, starts[1:] + [length])]
+    end = int(attention_mask.sum()) if attention_mask is not None else length
+    return [(0, end)]
 
 
 class CachedTeacher:
-    """Top-k teacher targets from :func:`build_teacher_cache`, looked up by window; shards load on first use."""
+    """Top-k teacher targets from :func:`build_teacher_cache`, looked up per sequence by its token ids (a window,
+    a padded example or one of the sequences packed into a row); shards load on first use."""
 
     mode = "cached"
 
-    def __init__(self, cache_dir: Path, windows: torch.Tensor):
+    def __init__(self, cache_dir: Path, sequences: list[torch.Tensor]):
         self.dir = Path(cache_dir)
         manifest = read_json(self.dir / "manifest.json")
         require(manifest is not None, f"distillation: no teacher cache in {self.dir}")
-        self.shard_windows = manifest["shard_windows"]
-        self.index = {window_key(window): i for i, window in enumerate(windows)}
+        self.shard_sequences = manifest["shard_sequences"]
+        self.index = {window_key(sequence): i for i, sequence in enumerate(sequences)}
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
 
-    def _row(self, window: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        index = self.index.get(window_key(window))
+    def _sequence(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (log-probabilities, indices) ``[len − 1, k]`` of one sequence."""
+        index = self.index.get(window_key(ids))
         require(
             index is not None,
-            "distillation: a training window is not in the teacher cache (was it built from other training data?)",
+            "distillation: a training sequence is not in the teacher cache (was it built from other training data?)",
         )
-        shard = index // self.shard_windows
+        shard = index // self.shard_sequences
         if shard not in self._shards:
             from safetensors.torch import load_file
 
             self._shards[shard] = load_file(str(self.dir / shard_name(shard)))
-        return self._shards[shard], index % self.shard_windows
+        tensors = self._shards[shard]
+        row = index % self.shard_sequences
+        start, end = int(tensors["offsets"][row]), int(tensors["offsets"][row + 1])
+        return tensors["log_probs"][start:end], tensors["indices"][start:end]
 
-    def targets(self, input_ids: torch.Tensor, predicted: torch.Tensor) -> Targets:
+    def targets(self, inputs: dict[str, torch.Tensor], predicted: torch.Tensor) -> Targets:
+        input_ids = inputs["input_ids"]
         log_probs, indices = [], []
-        for window, keep in zip(input_ids, predicted):
-            shard, row = self._row(window)
-            log_probs.append(shard["log_probs"][row][keep.cpu()])
-            indices.append(shard["indices"][row][keep.cpu()])
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b].cpu()
+            mask, positions = (inputs.get(name) for name in ("attention_mask", "position_ids"))
+            spans = sequences_of_row(
+                ids, None if mask is None else mask[b].cpu(), None if positions is None else positions[b].cpu()
+            )
+            keep = predicted[b].cpu()
+            for start, end in spans:
+                values, support = self._sequence(ids[start:end])
+                inside = keep[start : end - 1]
+                log_probs.append(values[inside])
+                indices.append(support[inside])
+            covered = sum(int(keep[start : end - 1].sum()) for start, end in spans)
+            require(covered == int(keep.sum()), "distillation: a trained position lies outside every sequence")
         device = input_ids.device
         return Targets(torch.cat(log_probs).to(device), torch.cat(indices).to(device))
 
@@ -158,18 +189,37 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
 
 
-def cache_key(windows: torch.Tensor, teacher: str, top_k: int, temperature: float) -> str:
-    """What the cached targets depend on: the windows' token ids, the teacher, k and the temperature."""
-    digest = hashlib.sha256(str(tuple(windows.shape)).encode())
-    digest.update(windows.to(torch.int64).contiguous().numpy().tobytes())
+CACHE_FORMAT = 2  # 2: one entry per sequence (offsets); 1 held fixed-length windows only
+
+
+def cache_key(sequences: list[torch.Tensor], teacher: str, top_k: int, temperature: float) -> str:
+    """What the cached targets depend on: every sequence's token ids, the teacher, k and the temperature."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, len(sequences)]).encode())
+    for sequence in sequences:
+        digest.update(str(sequence.numel()).encode())
+        digest.update(sequence.to(torch.int64).contiguous().numpy().tobytes())
     digest.update(json.dumps([teacher, top_k, temperature]).encode())
     return digest.hexdigest()
 
 
 @torch.no_grad()
+def _teacher_top_k(model, batch: list[torch.Tensor], top_k: int, temperature: float, device) -> list[tuple]:
+    """(log-probabilities, indices) ``[len − 1, k]`` of each sequence in ``batch``, run right-padded together."""
+    length = max(sequence.numel() for sequence in batch)
+    ids = torch.zeros(len(batch), length, dtype=torch.long)
+    mask = torch.zeros(len(batch), length, dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        ids[row, : sequence.numel()], mask[row, : sequence.numel()] = sequence, 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1]
+    top = F.log_softmax(logits.float() / temperature, dim=-1).topk(top_k, dim=-1, sorted=True)
+    values, indices = top.values.cpu(), top.indices.to(torch.int32).cpu()
+    return [(values[row, : s.numel() - 1], indices[row, : s.numel() - 1]) for row, s in enumerate(batch)]
+
+
+@torch.no_grad()
 def build_teacher_cache(
     model: nn.Module,
-    windows: torch.Tensor,
+    sequences: list[torch.Tensor],
     cache_dir: Path,
     *,
     key: str,
@@ -179,8 +229,8 @@ def build_teacher_cache(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """The teacher's top-k log-probabilities (at ``temperature``, over the whole vocabulary) for every position of
-    every window that predicts a next token, shard by shard into ``cache_dir``; shards already there (written
-    atomically by an earlier run of the same key) are kept, so a killed run resumes where it stopped."""
+    every training sequence that predicts a next token, shard by shard into ``cache_dir``; shards already there
+    (written atomically by an earlier run of the same key) are kept, so a killed run resumes where it stopped."""
     cache_dir = Path(cache_dir)
     manifest = read_json(cache_dir / "manifest.json")
     if manifest is not None and manifest.get("key") != key:  # another recipe's cache: dlp's own files, replaced
@@ -189,14 +239,14 @@ def build_teacher_cache(
         manifest = None
     vocab = model.get_output_embeddings().weight.shape[0]
     top_k = min(top_k, vocab)
-    shards = math.ceil(windows.shape[0] / SHARD_WINDOWS)
+    shards = math.ceil(len(sequences) / SHARD_SEQUENCES)
     manifest = {
         "key": key,
-        "windows": windows.shape[0],
-        "seqlen": windows.shape[1],
+        "sequences": len(sequences),
+        "positions": sum(sequence.numel() - 1 for sequence in sequences),
         "top_k": top_k,
         "temperature": temperature,
-        "shard_windows": SHARD_WINDOWS,
+        "shard_sequences": SHARD_SEQUENCES,
         "shards": shards,
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -204,28 +254,25 @@ def build_teacher_cache(
     model = model.eval().to(device)
     todo = [shard for shard in range(shards) if not (cache_dir / shard_name(shard)).is_file()]
     for shard in tqdm(todo, desc="caching teacher logits", unit="shard"):
-        part = windows[shard * SHARD_WINDOWS : (shard + 1) * SHARD_WINDOWS]
-        values, indices = [], []
-        for start in range(0, part.shape[0], batch_size):
-            logits = model(input_ids=part[start : start + batch_size].to(device), use_cache=False).logits[:, :-1]
-            top = F.log_softmax(logits.float() / temperature, dim=-1).topk(top_k, dim=-1, sorted=True)
-            values.append(top.values.cpu())
-            indices.append(top.indices.to(torch.int32).cpu())
-        _save_shard(cache_dir / shard_name(shard), torch.cat(values), torch.cat(indices))
+        part = sequences[shard * SHARD_SEQUENCES : (shard + 1) * SHARD_SEQUENCES]
+        rows = []
+        for start in range(0, len(part), batch_size):
+            rows += _teacher_top_k(model, part[start : start + batch_size], top_k, temperature, device)
+        offsets = torch.tensor([0] + [values.shape[0] for values, _ in rows]).cumsum(0)
+        _save_shard(
+            cache_dir / shard_name(shard), torch.cat([v for v, _ in rows]), torch.cat([i for _, i in rows]), offsets
+        )
     return manifest
 
 
-def _save_shard(path: Path, log_probs: torch.Tensor, indices: torch.Tensor) -> None:
+def _save_shard(path: Path, log_probs: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
+    tensors = {"log_probs": log_probs.contiguous(), "indices": indices.contiguous(), "offsets": offsets.contiguous()}
     with atomic_file(path) as tmp:
-        save_file({"log_probs": log_probs.contiguous(), "indices": indices.contiguous()}, str(tmp))
+        save_file(tensors, str(tmp))
 
 
 def cache_complete(cache_dir: Path, key: str) -> bool:
-    manifest = read_json(Path(cache_dir) / "manifest.json")
-    return (
-        manifest is not None
-        and manifest.get("key") == key
-        and all((Path(cache_dir) / shard_name(s)).is_file() for s in range(manifest["shards"]))
-    )
+    """Whether ``cache_dir`` holds every shard of the cache with ``key``."""
+    return sharded_cache_complete(cache_dir, key, shard_name)

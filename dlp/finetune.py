@@ -1,8 +1,9 @@
 """The fine-tuning stage: a LoRA-wrapped compressed model (:mod:`dlp.lora` assembles it) trained with trl's
 ``SFTTrainer``.
 
-The data is plain language-modelling text cut into consecutive windows of ``max_length`` tokens (so every token
-is seen once per epoch and no padding is needed). Checkpoints go to ``<output_dir>/finetune/checkpoint-N``; a
+The data is either language-modelling text cut into consecutive windows of ``max_length`` tokens (every token seen
+once per epoch, no padding), or rows in one of trl's formats that trl itself templates, tokenizes, masks and packs
+(:mod:`dlp.sft_data`). Checkpoints go to ``<output_dir>/finetune/checkpoint-N``; a
 rerun resumes from the newest one (model, optimizer, scheduler, RNG and data position), so an interrupted run
 finishes with the same adapter it would have had.
 """
@@ -17,17 +18,49 @@ from typing import Any
 
 from torch import nn
 
+import torch
+
 from .config import FinetuneArguments
-from .data import load_training_windows
-from .errors import DlpError
+from .errors import DlpError, require
+from .sft_data import TrainRows, text_windows
 from .trainer import recovery_trainer
 
 
-def training_windows(tokenizer, ft_args: FinetuneArguments, seqlen: int):
-    """The fine-tuning windows ``[n, seqlen]`` (consecutive, from the start of the text)."""
-    return load_training_windows(
-        tokenizer, ft_args.train_data, seqlen, ft_args.train_split, ft_args.train_max_windows or None
+def training_dataset(tokenizer, data: TrainRows, ft_args: FinetuneArguments, sft_args):
+    """What the trainer is given: text as consecutive windows of ``max_length`` tokens (``input_ids``: trl takes
+    them as tokenized), rows as they are (trl applies the chat template, tokenizes and masks them)."""
+    from datasets import Dataset
+
+    if data.windows:
+        windows = text_windows(tokenizer, data, ft_args.train_split, sft_args.max_length, ft_args.train_max_windows)
+        return Dataset.from_dict({"input_ids": windows.tolist()})
+    return Dataset.from_list(data.rows)
+
+
+def prepared_sequences(dataset) -> list[torch.Tensor]:
+    """The separate sequences of trl's prepared dataset: each row, or each of the sequences packed into a row
+    (its ``seq_lengths``); what a cached teacher is computed on."""
+    sequences = []
+    for row in dataset:
+        ids = torch.tensor(row["input_ids"], dtype=torch.long)
+        sequences += list(ids.split(list(row["seq_lengths"]))) if "seq_lengths" in row else [ids]
+    return sequences
+
+
+def _check_trainable_rows(dataset, max_length: int) -> None:
+    """Every prepared row should hold a token to train on. trl drops rows left without one by truncation, but not
+    when it packs (the completion of a prompt longer than ``max_length`` is cut off); a dataset with none at all
+    would train nothing while reporting a loss of 0, so it is refused, and a share of them is said."""
+    if "labels" not in dataset.column_names:
+        return  # text windows: every token is trained on
+    empty = sum(all(label == -100 for label in labels) for labels in dataset["labels"])
+    require(
+        empty < len(dataset),
+        f"max_length: at {max_length} tokens no training row keeps a token to train on (the prompts fill it); "
+        "raise max_length or shorten the prompts",
     )
+    if empty:
+        print(f"[dlp] {empty} of {len(dataset)} training rows keep no token to train on at max_length {max_length}")
 
 
 @dataclass
@@ -35,8 +68,10 @@ class TrainResult:
     log_history: list[dict[str, Any]]
     train_seconds: float
     global_steps: int
-    tokens_seen: int
+    tokens_seen: int  # real tokens (no padding) over every process
     resumed_from: str | None
+    data_format: str = "text"
+    train_rows: int = 0  # rows of the prepared dataset: windows, examples or packed rows
 
 
 def last_checkpoint(directory: Path) -> str | None:
@@ -62,29 +97,31 @@ def last_checkpoint(directory: Path) -> str | None:
 
 
 def train(
-    peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args, distillation=None
+    peft_model: nn.Module, tokenizer, ft_args: FinetuneArguments, sft_args, data: TrainRows, distillation=None
 ) -> tuple[Any, TrainResult]:
     """Train with ``SFTTrainer`` (:mod:`dlp.trainer`); ``sft_args.output_dir`` holds the checkpoints and is
     resumed from.
 
-    ``distillation``: ``(teacher_for(windows), weight, temperature)`` to train with the distillation loss
-    (:mod:`dlp.distill`); the teacher is built from the training windows (a cached one indexes them)."""
-    from datasets import Dataset
+    ``data``: the checked training source (:mod:`dlp.sft_data`). ``distillation``: ``(teacher_for(sequences),
+    weight, temperature)`` to train with the distillation loss (:mod:`dlp.distill`); the teacher is built from the
+    sequences trl prepared (a cached one indexes them), so it sees exactly the student's tokens."""
     from trl import SFTTrainer
 
     if tokenizer.pad_token is None:  # windows are all full, but the collator insists on a pad id
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    windows = training_windows(tokenizer, ft_args, sft_args.max_length)
-    dataset = Dataset.from_dict({"input_ids": windows.tolist()})
-    extra = {}
-    if distillation is not None:
-        teacher_for, weight, temperature = distillation
-        extra = {"teacher": teacher_for(windows), "weight": weight, "temperature": temperature}
+    dataset = training_dataset(tokenizer, data, ft_args, sft_args)
     trainer_class = recovery_trainer(SFTTrainer)
     resume = last_checkpoint(Path(sft_args.output_dir))
     if resume:
         print(f"[dlp] resuming fine-tuning from {resume}")
-    trainer = trainer_class(model=peft_model, args=sft_args, train_dataset=dataset, processing_class=tokenizer, **extra)
+    try:
+        trainer = trainer_class(model=peft_model, args=sft_args, train_dataset=dataset, processing_class=tokenizer)
+    except (ValueError, RuntimeError) as exc:  # trl's checks of the data against the options, e.g. no assistant turn
+        raise DlpError(f"train_data: {str(exc).splitlines()[0]}")
+    _check_trainable_rows(trainer.train_dataset, sft_args.max_length)
+    if distillation is not None:
+        teacher_for, weight, temperature = distillation
+        trainer.set_teacher(teacher_for(prepared_sequences(trainer.train_dataset)), weight, temperature)
     start = time.perf_counter()
     if resume and _finished_training(resume):
         metrics = _restore_finished(trainer, resume)
@@ -95,15 +132,14 @@ def train(
             raise DlpError(f"finetune: {str(exc).splitlines()[0]}")
     seconds = time.perf_counter() - start
     state = trainer.state
-    tokens = (
-        state.global_step
-        * sft_args.max_length
-        * sft_args.per_device_train_batch_size
-        * sft_args.gradient_accumulation_steps
-        * trainer.accelerator.num_processes
-    )
     return trainer, TrainResult(
-        list(state.log_history), metrics.get("train_runtime", seconds), state.global_step, tokens, resume
+        list(state.log_history),
+        metrics.get("train_runtime", seconds),
+        state.global_step,
+        state.num_input_tokens_seen,
+        resume,
+        data.format,
+        len(trainer.train_dataset),
     )
 
 

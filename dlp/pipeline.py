@@ -35,8 +35,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import CalibrationArguments, DistillationArguments, EvalArguments, FinetuneArguments, RunArguments
-from .data import check_source, load_training_windows
+from .chat import (
+    chat_evaluation,
+    generation_seconds,
+    chat_eval_on,
+    check_chat_settings,
+    dense_answers_stage,
+    selfgen_rows,
+)
+from .config import (
+    CalibrationArguments,
+    ChatArguments,
+    DistillationArguments,
+    EvalArguments,
+    FinetuneArguments,
+    RunArguments,
+)
+from .data import load_training_windows
 from .distributed import check_same_masks, describe_zero3_shards, zero3_enabled, zero3_init_disabled
 from .errors import DlpError, require
 from .evaluate import perplexity
@@ -72,6 +87,7 @@ from .report import write_finetune_report
 from .report_schema import FinetuneReport, StageReport
 from .teachers import recovery_teacher, teacher_summary
 from .resources import peak_memory, timed
+from .sft_data import check_chat_template, is_selfgen, load_rows_source
 from .stages import CompressionMethod, get_method
 from .stages.base import finished_report
 
@@ -88,6 +104,12 @@ TRAINING_FIELDS = (
     "activation_checkpointing",
     "bf16",
     "seed",
+    "packing",
+    "packing_strategy",
+    "padding_free",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "truncation_mode",
 )
 
 
@@ -99,6 +121,7 @@ def run_prune_lora(
     ft_args: FinetuneArguments,
     sft_args,
     distill_args: DistillationArguments | None = None,
+    chat_args: ChatArguments | None = None,
 ) -> FinetuneReport:
     """Run (or resume) the whole pipeline into ``sft_args.output_dir``; return the final report.
 
@@ -112,14 +135,14 @@ def run_prune_lora(
     margs = method_args[method.name]
     calib_args.seeded(sft_args.seed)
     setup(sft_args.seed)  # also for a run that reuses a finished stage, which skips the stage's own setup
-    distill_args = distill_args or DistillationArguments()
+    distill_args, chat_args = distill_args or DistillationArguments(), chat_args or ChatArguments()
     _check_training_settings(model_args, method, eval_args, ft_args, sft_args)
-    recipe = _recipe(model_args, method, calib_args, margs, eval_args, ft_args, sft_args, distill_args)
+    recipe = _recipe(model_args, method, calib_args, margs, eval_args, ft_args, sft_args, distill_args, chat_args)
     finished = _finished_run(out, recipe, ft_args.overwrite, state.is_main_process)
     if finished is not None:
         return FinetuneReport.from_dict(finished)
     _check_resumable(out, recipe, ft_args.overwrite)  # before anything is written, the lock file included
-    plan = _check_pipeline_settings(model_args, method, calib_args, margs, eval_args, ft_args, sft_args)
+    plan = _check_pipeline_settings(model_args, method, calib_args, margs, eval_args, ft_args, sft_args, chat_args)
     if distill_args.enabled and distill_args.teacher != "dense":
         check_teacher(plan, distill_args.teacher)
     # only the main process writes the run's files, so only it takes the directory's lock
@@ -131,11 +154,21 @@ def run_prune_lora(
         if finished is not None:
             return FinetuneReport.from_dict(finished)
         _claim_output_dir(out, recipe, state)
-        return _run_stages(model_args, method, calib_args, margs, eval_args, ft_args, sft_args, distill_args, state)
+        settings = (model_args, method, calib_args, margs, eval_args, ft_args, sft_args, distill_args, chat_args)
+        return _run_stages(*settings, state)
 
 
 def _run_stages(
-    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args, distill_args, state
+    model_args,
+    method: CompressionMethod,
+    calib_args,
+    margs,
+    eval_args,
+    ft_args,
+    sft_args,
+    distill_args,
+    chat_args,
+    state,
 ) -> FinetuneReport:
     """Compress, fine-tune, merge, export and evaluate, each stage skipped if an earlier run in this (locked) output
     directory finished it; return the final report."""
@@ -151,10 +184,15 @@ def _run_stages(
     masks = method.masks(stage_dir)
     if masks is not None:
         check_same_masks(masks.digest(), state)
-    distillation = None
-    if not (out / "adapter" / "adapter_config.json").is_file():
-        distillation = recovery_teacher(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir, out, state)
-        _finetune_stage(model_args, method, ft_args, sft_args, stage_dir, masks, out, state, distillation)
+    trained = (out / "adapter" / "adapter_config.json").is_file()
+    chat = chat_eval_on(chat_args, _tokenizer(stage_dir / "model"))
+    rows, refs = is_selfgen(ft_args.train_data) and not trained, chat and not (out / "eval.json").is_file()
+    device = resolve_device(calib_args.device)
+    dense_answers_stage(model_args, ft_args, chat_args, sft_args.seed, out, device, state, rows, refs)
+    if not trained:
+        distillation = recovery_teacher(model_args, calib_args, distill_args, out, state)
+        data = _training_data(ft_args, chat_args, out)
+        _finetune_stage(model_args, method, ft_args, sft_args, stage_dir, masks, out, state, data, distillation)
     if state.is_main_process:
         with zero3_init_disabled():
             _merge_export_evaluate(
@@ -169,9 +207,23 @@ def _run_stages(
                 masks,
                 out,
                 teacher_summary(model_args, distill_args, out),
+                chat_args if chat else None,
             )
     state.wait_for_everyone()
     return FinetuneReport.from_dict(read_json(out / "report.json"))
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _training_data(ft_args, chat_args, out: Path):
+    """The checked training source: the self-generated rows, or ``train_data`` read in its format."""
+    if is_selfgen(ft_args.train_data):
+        return selfgen_rows(ft_args, chat_args, out)
+    return load_rows_source(ft_args.train_data, ft_args.train_split, ft_args.train_format, ft_args.train_max_rows)
 
 
 def _check_training_settings(model_args, method: CompressionMethod, eval_args, ft_args, sft_args) -> None:
@@ -210,7 +262,7 @@ def _check_training_settings(model_args, method: CompressionMethod, eval_args, f
 
 
 def _check_pipeline_settings(
-    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args
+    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args, chat_args
 ) -> ModelPlan:
     """Every check that needs the model's config but not its weights, before any stage runs (see preflight.py)."""
     plan = method.check_settings(model_args, calib_args, margs, eval_args, max_length=sft_args.max_length)
@@ -218,12 +270,29 @@ def _check_pipeline_settings(
     reuse = getattr(ft_args, method.reuse_field or "", None)
     if reuse:
         method.check_reuse(plan, Path(reuse))
-    check_source(ft_args.train_data, "train_data")
+    _check_data(model_args, ft_args, sft_args, chat_args)
     return plan
 
 
+def _check_data(model_args, ft_args, sft_args, chat_args) -> None:
+    """The training data and the chat prompts, read and checked against the model's tokenizer before any stage
+    runs: a bad file, row or turn, or conversations without a chat template, is one line now, not after pruning."""
+    from .modeling import resolve_model_dir
+
+    model = model_args.model_name_or_path
+    tokenizer = _tokenizer(Path(resolve_model_dir(model)))
+    check_chat_settings(ft_args, chat_args, tokenizer, model)
+    if is_selfgen(ft_args.train_data):
+        require(
+            ft_args.train_format in ("auto", "prompt-completion"), "train_format: selfgen rows are prompt-completion"
+        )
+        return
+    data = load_rows_source(ft_args.train_data, ft_args.train_split, ft_args.train_format, ft_args.train_max_rows)
+    check_chat_template(tokenizer, data, model, sft_args)
+
+
 def _recipe(
-    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args, distill_args
+    model_args, method: CompressionMethod, calib_args, margs, eval_args, ft_args, sft_args, distill_args, chat_args
 ) -> dict[str, Any]:
     """Everything that shapes the run's artifacts (not where they go, nor how the run starts): the calibration and
     the active method's fields only, so a slicing run never depends on a pruning field it does not read; the
@@ -235,6 +304,7 @@ def _recipe(
         "eval": asdict(eval_args),
         "finetune": {k: v for k, v in asdict(ft_args).items() if k not in NOT_RECIPE},
         "training": _training_settings(sft_args),
+        "chat": asdict(chat_args),
     }
     if distill_args.enabled:
         recipe["distillation"] = asdict(distill_args)
@@ -333,6 +403,7 @@ def _finetune_stage(
     masks: MaskSet | None,
     out: Path,
     state,
+    data,
     distillation=None,
 ) -> None:
     quantization = bnb_config(model_args)
@@ -357,7 +428,7 @@ def _finetune_stage(
         claim_dir(out / "finetune")  # marked as dlp's, so --overwrite may remove the trainer's checkpoints
     state.wait_for_everyone()
     try:
-        trainer, result = train(peft_model, tokenizer, ft_args, sft_args, distillation)
+        trainer, result = train(peft_model, tokenizer, ft_args, sft_args, data, distillation)
     finally:
         sft_args.output_dir = run_dir
     staging = out / f"{TEMP_PREFIX}adapter"
@@ -388,6 +459,7 @@ def _merge_export_evaluate(
     masks: MaskSet | None,
     out: Path,
     distillation: dict[str, Any] | None = None,
+    chat_args=None,
 ) -> None:
     dtype = model_args.dtype or "float32"
     merge_info = read_json(out / "merge.json")
@@ -398,9 +470,9 @@ def _merge_export_evaluate(
                 stage_dir / "model", out / "adapter", masks, dtype, ft_args.merge_base
             )
             probe = None
-            if ft_args.check_merge:
+            if ft_args.check_merge:  # a logits comparison only: any real text will do, and the calibration text is text
                 probe = load_training_windows(
-                    tokenizer, ft_args.train_data, min(128, sft_args.max_length), ft_args.train_split, max_windows=2
+                    tokenizer, calib_args.calibration_data, min(128, sft_args.max_length), "train", max_windows=2
                 )
             merged, check = merge_masked(peft_model, masks, probe, method.merge_tolerance)
         with timed(parts, "export"):
@@ -413,7 +485,7 @@ def _merge_export_evaluate(
         export_quantized(out / "model", out / "model-4bit", masks, bnb_config(model_args, always=True))
         print(f"[dlp] 4-bit copy of the merged model exported to {out / 'model-4bit'}")
     evaluation = read_json(out / "eval.json") or _evaluate_export(
-        out, method, stage_dir, masks, model_args, calib_args, eval_args, ft_args
+        out, method, stage_dir, masks, model_args, calib_args, eval_args, ft_args, chat_args
     )
     report = _final_report(
         model_args,
@@ -427,6 +499,8 @@ def _merge_export_evaluate(
         read_json(out / "adapter" / "training_log.json"),
     )
     report.distillation = distillation
+    report.chat = evaluation.get("chat")
+    report.timings.update(generation_seconds(out))  # the dense model's answers: self-generated data, references
     report.peak_memory = peak_memory(resolve_device(calib_args.device))
     write_finetune_report(out, out / "model", report, method.card_view)
 
@@ -440,6 +514,7 @@ def _evaluate_export(
     calib_args,
     eval_args: EvalArguments,
     ft_args: FinetuneArguments,
+    chat_args=None,
 ) -> dict:
     """Reload the export with plain transformers (no dlp code involved) and measure it; in 4-bit runs also the
     quantized compressed base (what training started from) and the 4-bit export. A method whose export ships its
@@ -469,6 +544,7 @@ def _evaluate_export(
 
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     model, ppl = measure(out / "model")
+    finetuned = model
     print(f"[dlp] fine-tuned perplexity {ppl}")
     evaluation = {"perplexity": {}}
     if masks is not None:
@@ -479,12 +555,26 @@ def _evaluate_export(
     if ft_args.export_dense and ft_args.export_sparse and ft_args.export_values != "model" and masks is not None:
         model, ppl = measure(compressed_dir(out / "model"))  # quantized values: its own perplexity
         evaluation["perplexity"][f"finetuned_{ft_args.export_values}"] = ppl.to_dict()
+    if chat_args is not None:
+        evaluation["chat"] = _chat_evaluation(out, stage_dir, method, finetuned, tokenizer, chat_args, calib_args)
     if ft_args.export_4bit:
         model, ppl = measure(out / "model-4bit")
         evaluation["perplexity"]["finetuned_4bit"] = ppl.to_dict()
         evaluation["reloaded_violations_4bit"] = masks.violations(model)
     atomic_write_json(out / "eval.json", evaluation)
     return evaluation
+
+
+def _chat_evaluation(out: Path, stage_dir: Path, method, finetuned, tokenizer, chat_args, calib_args) -> dict:
+    """The chat evaluation of the compressed model (the stage's, before fine-tuning) and of the fine-tuned export."""
+    from transformers import AutoModelForCausalLM
+
+    compressed = AutoModelForCausalLM.from_pretrained(
+        stage_dir / "model", dtype="float32", trust_remote_code=method.trust_remote_code
+    ).eval()
+    models = {method.compressed_name: compressed, "finetuned": finetuned}
+    device = resolve_device(calib_args.device)
+    return chat_evaluation({name: m.to(device) for name, m in models.items()}, tokenizer, chat_args, out, device)
 
 
 def _final_report(
@@ -518,10 +608,13 @@ def _final_report(
         merge=merge_info,
         export={key: value for key, value in evaluation.items() if key.startswith("reloaded_violations")},
         quantization=bnb_config(model_args).to_dict() if model_args.load_in_4bit else None,
-        training={key: training_log[key] for key in ("global_steps", "tokens_seen", "train_seconds", "resumed_from")},
+        training={key: training_log.get(key) for key in TRAINING_LOG_KEYS if key in training_log},
         log_history=training_log["log_history"],
         timings=_pipeline_timings(stage_report, training_log, merge_info, evaluation),
     )
+
+
+TRAINING_LOG_KEYS = ("global_steps", "tokens_seen", "train_seconds", "resumed_from", "data_format", "train_rows")
 
 
 def _pipeline_timings(stage_report: StageReport, training_log: dict, merge_info: dict, evaluation: dict) -> dict:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from .chat_eval import MATCH_TOKENS
 from .rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .resources import resources_line
 from .report_schema import FinetuneReport, StageReport
@@ -174,6 +175,13 @@ def _search_lines(details: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _cached(cache: dict[str, Any]) -> str:
+    """What a teacher cache holds (older reports counted windows)."""
+    return (
+        f"{cache['sequences']} sequences" if cache.get("sequences") is not None else f"{cache.get('windows')} windows"
+    )
+
+
 def _distillation_lines(report: dict[str, Any]) -> list[str]:
     distill = report.get("distillation")
     if not distill:
@@ -181,10 +189,46 @@ def _distillation_lines(report: dict[str, Any]) -> list[str]:
     cache = distill.get("cache")
     return [
         f"- distillation: teacher `{distill['teacher']}` ({distill['mode']}"
-        + (f", top-{cache['top_k']} log-probabilities of {cache['windows']} windows cached" if cache else "")
+        + (f", top-{cache['top_k']} log-probabilities of {_cached(cache)} cached" if cache else "")
         + f"); loss = (1 − {distill['weight']})·LM + {distill['weight']}·T²·KL(teacher ‖ student), "
         f"T = {distill['temperature']}"
     ]
+
+
+def _answer(text: str, limit: int = 300) -> str:
+    """An answer in one table cell: one line, pipes escaped, cut at ``limit`` characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _chat_lines(report: dict[str, Any]) -> list[str]:
+    """The chat evaluation: each model's answer perplexity and greedy match on the dense model's greedy answers to
+    held-out prompts, then a few answers side by side."""
+    chat = report.get("chat")
+    if not chat:
+        return []
+    scores = chat["scores"]
+    lines = [
+        "",
+        f"Chat: the dense model's greedy answers to {chat['count']} held-out prompts (`{chat['prompts']}`), scored "
+        "by each model: perplexity of the answer tokens, and the share of the first "
+        f"{MATCH_TOKENS} answer tokens it predicts greedily (teacher-forced).",
+        "",
+        "| model | answer perplexity | greedy match |",
+        "|---|---|---|",
+        *(f"| {name} | {entry['answer_ppl']:.2f} | {entry['greedy_match']:.3f} |" for name, entry in scores.items()),
+    ]
+    names = list(scores)  # dense first, then the compressed and the fine-tuned model
+    for number, example in enumerate(chat["examples"], 1):
+        lines += [
+            "",
+            f"Prompt {number}: {_answer(example['prompt'], 200)}",
+            "",
+            "| model | greedy answer |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {_answer(example[name])} |" for name in names if name in example]
+    return lines
 
 
 def _finetune_lines(report: dict[str, Any]) -> list[str]:
@@ -194,11 +238,20 @@ def _finetune_lines(report: dict[str, Any]) -> list[str]:
     return _distillation_lines(report) + [
         f"- LoRA: r={lora['lora_r']}, alpha={lora['lora_alpha']}, dropout={lora['lora_dropout']}, "
         f"targets {lora['lora_target_modules'] or 'every projection of each block'}",
-        f"- training: `{cfg['train_data']}`, {train['global_steps']} steps, {train['tokens_seen']:,} tokens, "
+        f"- training: `{cfg['train_data']}` ({_data_kind(train)}), {train['global_steps']} steps, "
+        f"{train['tokens_seen']:,} tokens, "
         f"lr {hyper['learning_rate']}, {train['train_seconds']:.0f} s"
         + (f" (resumed from `{Path(train['resumed_from']).name}`)" if train.get("resumed_from") else ""),
         resources_line(report["timings"], report.get("peak_memory")),
     ]
+
+
+def _data_kind(train: dict[str, Any]) -> str:
+    kind = train.get("data_format", "text")
+    rows = train.get("train_rows")
+    if kind == "text":
+        return "text windows" + (f", {rows}" if rows else "")
+    return f"{kind} rows" + (f", {rows} after trl's preparation" if rows else "")
 
 
 def _card_header(report: dict[str, Any], tags: str, title: str, intro: str) -> list[str]:
@@ -275,6 +328,7 @@ def pruned_finetune_markdown(report: dict[str, Any]) -> str:
         ),
         "",
         f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
+        *_chat_lines(report),
         "",
         "## Recipe",
         f"- pruning: criterion **{cfg['criterion']}**, pattern **{cfg['pattern']}**, "
@@ -328,6 +382,7 @@ def sliced_finetune_markdown(report: dict[str, Any]) -> str:
         f"| sliced + LoRA (this model) | {_fmt_ppl(any_ppl)} |",
         "",
         f"Perplexity: `{any_ppl['source']}`, {any_ppl['windows']} windows × {any_ppl['seqlen']} tokens.",
+        *_chat_lines(report),
         "",
         "## Recipe",
         f"- slicing: mean {100 * cfg['slicing']:.1f}% of width {slicing['hidden_size']}, allocation "

@@ -87,6 +87,7 @@ class FinetuneReport:
     compression: dict[str, Any] = field(default_factory=dict)
     distillation: dict[str, Any] | None = None  # the teacher, its mode and the loss mix (None: plain LM loss)
     peak_memory: dict[str, float | None] | None = None  # of the process that finished the run (dlp.resources)
+    chat: dict[str, Any] | None = None  # the chat evaluation (dlp.chat.chat_evaluation), when it ran
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import DlpError
 
@@ -385,3 +385,14 @@ def recipe_changes(saved: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
         for key, value in _flat(recipe).items()
         if key not in NOT_RECIPE and old.get(key) != value
     ]
+
+
+def cache_complete(cache_dir: str | Path, key: str, shard_name: Callable[[int], str]) -> bool:
+    """Whether a sharded cache (a ``manifest.json`` with its ``key`` and ``shards`` count, then one file per shard,
+    each written atomically) holds every shard of ``key``: the teacher's logits, the dense model's answers."""
+    manifest = read_json(Path(cache_dir) / "manifest.json")
+    return (
+        manifest is not None
+        and manifest.get("key") == key
+        and all((Path(cache_dir) / shard_name(s)).is_file() for s in range(manifest["shards"]))
+    )

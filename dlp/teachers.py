@@ -3,7 +3,7 @@
 :mod:`dlp.distill` holds the distillation itself (the loss, the online and cached teachers, the cache's format);
 this module wires it to a run: it loads the teacher the way the run loads its student (whole on every process,
 never ZeRO-3-partitioned, 4-bit in a QLoRA run), builds the cache before training in cached mode, and gives the
-trainer a ``teacher_for(windows)`` factory (:func:`dlp.finetune.train`).
+trainer a ``teacher_for(sequences)`` factory (:func:`dlp.finetune.train`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 from .distill import CACHE_DIR, CachedTeacher, OnlineTeacher, build_teacher_cache, cache_complete, cache_key
 from .distributed import zero3_init_disabled
-from .finetune import training_windows
 from .rundir import read_json
 from .modeling import load_model_and_tokenizer
 from .process import resolve_device
@@ -31,35 +30,41 @@ def load_teacher(model_args, teacher_id: str):
     return teacher
 
 
-def recovery_teacher(model_args, calib_args, ft_args, sft_args, distill_args, stage_dir: Path, out: Path, state):
-    """``(teacher_for(windows), weight, temperature)`` for :func:`dlp.finetune.train`, or None without a teacher.
+def recovery_teacher(model_args, calib_args, distill_args, out: Path, state):
+    """``(teacher_for(sequences), weight, temperature)`` for :func:`dlp.finetune.train`, or None without a teacher.
 
-    Cached mode first makes sure ``out/teacher/`` holds the teacher's top-k for every training window (a resumable
-    stage on the main process; the others wait), so training loads no teacher at all."""
+    ``teacher_for`` gets the training sequences as trl prepared them (windows, examples, or the sequences packed
+    into rows). Cached mode first makes sure ``out/teacher/`` holds the teacher's top-k for every one of them (a
+    resumable stage on the main process; the others wait), so training loads no teacher at all."""
     if not distill_args.enabled:
         return None
     teacher_id = distill_args.teacher_id(model_args.model_name_or_path)
     weight, temperature = distill_args.distill_weight, distill_args.distill_temperature
     if distill_args.teacher_mode == "online":
-        return (lambda _windows: OnlineTeacher(load_teacher(model_args, teacher_id), temperature)), weight, temperature
+        return (
+            (lambda _sequences: OnlineTeacher(load_teacher(model_args, teacher_id), temperature)),
+            weight,
+            temperature,
+        )
     cache_dir = out / CACHE_DIR
-    if state.is_main_process:
-        from transformers import AutoTokenizer
 
-        windows = training_windows(AutoTokenizer.from_pretrained(stage_dir / "model"), ft_args, sft_args.max_length)
-        key = cache_key(windows, teacher_id, distill_args.distill_top_k, temperature)
-        if not cache_complete(cache_dir, key):
-            build_teacher_cache(
-                load_teacher(model_args, teacher_id),
-                windows,
-                cache_dir,
-                key=key,
-                top_k=distill_args.distill_top_k,
-                temperature=temperature,
-                device=resolve_device(calib_args.device),
-            )
-    state.wait_for_everyone()
-    return (lambda windows: CachedTeacher(cache_dir, windows)), weight, temperature
+    def cached(sequences):
+        if state.is_main_process:
+            key = cache_key(sequences, teacher_id, distill_args.distill_top_k, temperature)
+            if not cache_complete(cache_dir, key):
+                build_teacher_cache(
+                    load_teacher(model_args, teacher_id),
+                    sequences,
+                    cache_dir,
+                    key=key,
+                    top_k=distill_args.distill_top_k,
+                    temperature=temperature,
+                    device=resolve_device(calib_args.device),
+                )
+        state.wait_for_everyone()
+        return CachedTeacher(cache_dir, sequences)
+
+    return cached, weight, temperature
 
 
 def teacher_summary(model_args, distill_args, out: Path) -> dict[str, Any] | None:
@@ -75,5 +80,5 @@ def teacher_summary(model_args, distill_args, out: Path) -> dict[str, Any] | Non
     }
     if distill_args.teacher_mode == "cached":
         manifest = read_json(out / CACHE_DIR / "manifest.json") or {}
-        summary["cache"] = {key: manifest.get(key) for key in ("windows", "seqlen", "top_k", "shards")}
+        summary["cache"] = {key: manifest.get(key) for key in ("sequences", "positions", "top_k", "shards")}
     return summary

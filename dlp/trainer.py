@@ -24,27 +24,29 @@ def recovery_trainer(trainer_class: type) -> type:
     """``trainer_class`` (trl's ``SFTTrainer``) with the recovery stage's loss (see the module docstring)."""
 
     class RecoveryTrainer(trainer_class):
-        def __init__(
-            self,
-            *args: Any,
-            teacher: OnlineTeacher | CachedTeacher | None = None,
-            weight: float = 0.0,
-            temperature: float = 1.0,
-            **kwargs: Any,
-        ):
+        def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self.teacher, self.distill_weight, self.distill_temperature = teacher, weight, temperature
+            self.teacher: OnlineTeacher | CachedTeacher | None = None
+            self.distill_weight, self.distill_temperature = 0.0, 1.0
             self._parts: dict[str, list[float]] = {"lm_loss": [], "kd_loss": []}
+
+        def set_teacher(self, teacher: OnlineTeacher | CachedTeacher, weight: float, temperature: float) -> None:
+            """Train with ``teacher`` from now on (set after construction: a cached teacher is built from the
+            sequences trl prepared, which exist only once the trainer does)."""
+            self.teacher, self.distill_weight, self.distill_temperature = teacher, weight, temperature
             if isinstance(teacher, OnlineTeacher) and not getattr(teacher.model, "is_loaded_in_4bit", False):
                 teacher.model.to(self.accelerator.device)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self._count_tokens(inputs)
             if self.teacher is None and self.accelerator.device.type == "cuda":
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            model_inputs = {name: value for name, value in inputs.items() if name != "labels"}
+            outputs = model(**model_inputs, use_cache=False)
             predicted = labels[:, 1:] != -100
-            targets = None if self.teacher is None else self.teacher.targets(inputs["input_ids"], predicted)
+            targets = None if self.teacher is None else self.teacher.targets(model_inputs, predicted)
             count = predicted.sum() if num_items_in_batch is None else num_items_in_batch
             count = torch.as_tensor(count, device=labels.device).clamp(min=1)
             loss, lm, kd = distillation_loss(
@@ -57,6 +59,14 @@ def recovery_trainer(trainer_class: type) -> type:
                 self._parts["lm_loss"].append(float(lm))
                 self._parts["kd_loss"].append(float(kd))
             return (loss, outputs) if return_outputs else loss
+
+        def _count_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
+            """Add the micro-batch's real tokens (not padding), over every process, to the state's count, which
+            checkpoints keep (transformers' own count takes the pad id for padding, and trl pads with EOS)."""
+            mask = inputs.get("attention_mask")
+            tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            tokens = self.accelerator.gather(tokens.reshape(1).to(self.accelerator.device)).sum()
+            self.state.num_input_tokens_seen += int(tokens)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._parts["lm_loss"]:

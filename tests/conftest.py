@@ -165,3 +165,20 @@ def tiny_args(tmp_path, tiny_model_dir):
         "--device",
         "cpu",
     ]
+
+
+# A ChatML template without a default system turn, so a tiny conversation stays a few dozen characters long.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer():
+    """:func:`tiny_tokenizer` with a chat template: ``<|im_end|>`` (id 96, also EOS and pad) and ``<|im_start|>``
+    (id 97) are single tokens, so the ids of a rendered conversation can be checked by hand."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer

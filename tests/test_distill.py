@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_model
+from conftest import REPO, tiny_chat_tokenizer, tiny_model
 from dlp.config import DistillationArguments
 from dlp.distill import (
     CachedTeacher,
@@ -81,16 +81,17 @@ def test_cached_top_k_over_the_whole_vocabulary_reproduces_the_online_loss(tmp_p
     predicted = torch.ones(3, batch.shape[1] - 1, dtype=torch.bool)
     logits = student(input_ids=batch).logits
     losses = [
-        distillation_loss(logits, batch, t.targets(batch, predicted), 0.5, 2.0, int(predicted.sum()))[0]
+        distillation_loss(logits, batch, t.targets({"input_ids": batch}, predicted), 0.5, 2.0, int(predicted.sum()))[0]
         for t in (cached, online)
     ]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)  # stated tolerance: 1e-5 relative
     smaller = tmp_path / "top8"
     build_teacher_cache(teacher_model, windows, smaller, key="k8", top_k=8, temperature=2.0)
-    top8 = distillation_loss(logits, batch, CachedTeacher(smaller, windows).targets(batch, predicted), 1.0, 2.0, 1)[0]
-    assert 0 < float(top8) <= float(distillation_loss(logits, batch, online.targets(batch, predicted), 1.0, 2.0, 1)[0])
+    inputs = {"input_ids": batch}
+    top8 = distillation_loss(logits, batch, CachedTeacher(smaller, windows).targets(inputs, predicted), 1.0, 2.0, 1)[0]
+    assert 0 < float(top8) <= float(distillation_loss(logits, batch, online.targets(inputs, predicted), 1.0, 2.0, 1)[0])
     with pytest.raises(DlpError, match="not in the teacher cache"):
-        cached.targets(torch.zeros(1, windows.shape[1], dtype=torch.long), predicted[:1])
+        cached.targets({"input_ids": torch.zeros(1, windows.shape[1], dtype=torch.long)}, predicted[:1])
 
 
 CACHE_CHILD = """
@@ -166,7 +167,7 @@ def test_distilled_pipeline_reports_the_teacher_and_keeps_masks_exact(distilled_
         assert "distillation: teacher" in (run_dir / "summary.md").read_text()
         assert json.loads((run_dir / "recipe.json").read_text())["distillation"]["teacher_mode"] == mode
     cache = json.loads((distilled_runs["cached"] / "teacher" / "manifest.json").read_text())
-    assert cache["windows"] == 40 and cache["top_k"] == 128
+    assert cache["sequences"] == 40 and cache["top_k"] == 128
 
 
 def test_cached_teacher_over_the_whole_vocabulary_trains_like_the_online_one(distilled_runs):
@@ -199,18 +200,33 @@ def test_killed_while_training_with_a_cached_teacher_resumes_to_the_same_model(
 
 @pytest.mark.parametrize(("config", "mode"), [("ddp.yaml", "online"), ("deepspeed_zero3.yaml", "cached")])
 def test_two_processes_distil_to_the_one_process_model(config, mode, tiny_model_dir, tmp_path):
-    """Each rank runs its own teacher on its own windows (online), or reads the one cache the main process wrote."""
+    """Each rank runs its own teacher on its own windows (online), or reads the one cache the main process wrote.
+    The DDP case trains on self-generated conversations, packed: the main process generates them (the other rank
+    reads them), and each rank's teacher sees its padding-free row of packed sequences."""
     if config.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed not installed")
     settings = dict(teacher_mode=mode, max_steps=6, save_steps=3, **DISTILL)
-    one = write_recipe(tmp_path / "one.yaml", tiny_model_dir, per_device_train_batch_size=2, **settings)
-    two = write_recipe(tmp_path / "two.yaml", tiny_model_dir, per_device_train_batch_size=1, **settings)
+    model_dir = tiny_model_dir
+    if config == "ddp.yaml":
+        from test_sft_data import prompt_file
+
+        model_dir = tmp_path / "chat-model"
+        tiny_model("llama").save_pretrained(model_dir)
+        tiny_chat_tokenizer().save_pretrained(model_dir)
+        prompts = prompt_file(tmp_path / "prompts.jsonl", [f"w{i}" for i in range(24)])
+        settings.update(
+            train_data=f"selfgen:{prompts}", selfgen_prompts=24, selfgen_max_new_tokens=8, packing=True, chat_eval=False
+        )
+    one = write_recipe(tmp_path / "one.yaml", model_dir, per_device_train_batch_size=2, **settings)
+    two = write_recipe(tmp_path / "two.yaml", model_dir, per_device_train_batch_size=1, **settings)
     result = run([sys.executable, str(SCRIPT), "--config", str(one), "--output_dir", str(tmp_path / "one")])
     assert result.returncode == 0, result.stderr[-3000:]
     result = launch(config, two, tmp_path / "two")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
-    assert reports[0]["training"]["tokens_seen"] == reports[1]["training"]["tokens_seen"] == 6 * 2 * 64
+    assert reports[0]["training"]["tokens_seen"] == reports[1]["training"]["tokens_seen"]
+    assert config != "ddp.yaml" or reports[1]["training"]["data_format"] == "prompt-completion"
+    assert config == "ddp.yaml" or reports[1]["training"]["tokens_seen"] == 6 * 2 * 64
     assert reports[1]["distillation"]["mode"] == mode and reports[1]["export"]["reloaded_violations"] == 0
     ours, theirs = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("two", "one"))
     # close, not equal: float32, no dropout, 6 steps of 2 × 64 tokens, so only float32 summation orders differ (the

@@ -12,7 +12,7 @@ CHECK = """
 import sys
 from pathlib import Path
 from trl import ModelConfig, SFTConfig
-from dlp.config import (CalibrationArguments, DistillationArguments, EvalArguments, FinetuneArguments,
+from dlp.config import (CalibrationArguments, ChatArguments, DistillationArguments, EvalArguments, FinetuneArguments,
                         PruneArguments, RunArguments, SliceArguments, parse_config)
 from dlp.quantize import bnb_config
 for recipe in sorted(Path("recipes").glob("*/*.yaml")):
@@ -20,7 +20,7 @@ for recipe in sorted(Path("recipes").glob("*/*.yaml")):
     slices = "_slice_" in recipe.stem  # train/slice.py; other recipes are train/prune.py's
     methods = [PruneArguments, SliceArguments] if finetunes else [SliceArguments] if slices else [PruneArguments]
     types = [ModelConfig, CalibrationArguments, *methods, EvalArguments] \
-        + ([FinetuneArguments, DistillationArguments, SFTConfig] if finetunes else [RunArguments])
+        + ([FinetuneArguments, DistillationArguments, ChatArguments, SFTConfig] if finetunes else [RunArguments])
     # bf16 recipes are GPU recipes: parse them with bf16 off so this CPU can build the training arguments
     gpu_off = ["--bf16", "false"] if finetunes else []
     parsed = parse_config(types, ["--config", str(recipe), "--output_dir", "/tmp/unused"] + gpu_off)

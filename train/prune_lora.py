@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from dlp.cli import run_cli  # noqa: E402
 from dlp.config import (  # noqa: E402
     CalibrationArguments,
+    ChatArguments,
     DistillationArguments,
     EvalArguments,
     FinetuneArguments,
@@ -36,14 +37,16 @@ def main(argv: list[str] | None = None) -> dict:
     launch_defaults = [*use_cpu_without_accelerator(), ("--seed", str(RunArguments.seed), "")]
     method_types = [method.arguments for method in METHODS.values()]  # every method's fields: recipe keys are flat
     types = [ModelConfig, CalibrationArguments, *method_types, EvalArguments, FinetuneArguments]
-    model_args, calib_args, *method_values, eval_args, ft_args, distill_args, sft_args = parse_config(
-        [*types, DistillationArguments, SFTConfig],
+    model_args, calib_args, *method_values, eval_args, ft_args, distill_args, chat_args, sft_args = parse_config(
+        [*types, DistillationArguments, ChatArguments, SFTConfig],
         argv,
         launch_defaults,
     )
     model_args.model_name_or_path = model_args.model_name_or_path or DEMO_MODEL
     method_args = dict(zip(METHODS, method_values))
-    report = run_prune_lora(model_args, calib_args, method_args, eval_args, ft_args, sft_args, distill_args).to_dict()
+    report = run_prune_lora(
+        model_args, calib_args, method_args, eval_args, ft_args, sft_args, distill_args, chat_args
+    ).to_dict()
     if int(os.environ.get("RANK", "0")) != 0:
         return report  # the result lines once, from the main process
     ppl = " → ".join(f"{name} {entry['value']:.2f}" for name, entry in report["perplexity"].items() if entry)

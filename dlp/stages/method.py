@@ -33,6 +33,7 @@ class CompressionMethod:
     arguments: type  # the dataclass of the method's own recipe fields (keys stay flat in the recipe)
     report_type: type[StageReport]
     script: str  # the method's own entry script, e.g. train/prune.py
+    compressed_name: str = "compressed"  # what its model is called in reports: pruned, sliced
     reuse_field: str | None = None  # FinetuneArguments field naming a finished run of ``script`` to reuse
     trust_remote_code: bool = False  # the exported model ships its own modeling file
     compressible: bool = False  # its model has masks, so it has a compressed export (mask bits + kept values)

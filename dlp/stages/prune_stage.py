@@ -292,6 +292,7 @@ class PruneMethod(CompressionMethod):
     name = "prune"
     arguments = PruneArguments
     report_type = PruneReport
+    compressed_name = "pruned"
     script = "train/prune.py"
     compressible = True
     stage_view = PRUNE_STAGE_VIEW

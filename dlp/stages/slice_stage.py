@@ -185,6 +185,7 @@ class SliceMethod(CompressionMethod):
     name = "slice"
     arguments = SliceArguments
     report_type = SliceReport
+    compressed_name = "sliced"
     script = "train/slice.py"
     stage_view = SLICE_STAGE_VIEW
     card_view = SLICE_CARD_VIEW
