@@ -24,7 +24,16 @@ from .chat_eval import answer_scores
 from .errors import require
 from .prompts import PROMPT_SOURCES, builtin_prompts, prompt_of_row
 from .rundir import atomic_write_json, read_json
-from .selfgen import GenerationSettings, answer_rows, cached_answers, generate_batch, model_digest, read_answers
+from .selfgen import (
+    GenerationSettings,
+    answer_rows,
+    cache_complete,
+    cache_key,
+    cached_answers,
+    generate_batch,
+    model_digest,
+    read_answers,
+)
 from .sft_data import TrainRows, check_messages, is_selfgen, read_rows, selfgen_prompts_source
 
 SELFGEN_DIR = "selfgen"
@@ -110,16 +119,16 @@ def dense_answers_stage(model_args, ft_args, chat_args, seed: int, out: Path, de
         digest = model_digest(model)
         if rows:
             prompts = prompt_set(selfgen_prompts_source(ft_args.train_data), chat_args.selfgen_prompts, "train_data")
-            with _timed(out / SELFGEN_DIR):
-                settings = selfgen_settings(chat_args, seed)
+            settings = selfgen_settings(chat_args, seed)
+            with _timed(out / SELFGEN_DIR, prompts, tokenizer, settings, digest):
                 cached_answers(
                     model, tokenizer, prompts, out / SELFGEN_DIR, settings, digest, device, "self-generating"
                 )
         if refs:
             prompts = prompt_set(chat_args.chat_eval_data, chat_args.chat_eval_prompts, "chat_eval_data")
             cache = out / CHAT_EVAL_DIR
-            with _timed(cache):
-                settings = reference_settings(chat_args)
+            settings = reference_settings(chat_args)
+            with _timed(cache, prompts, tokenizer, settings, digest):
                 answers = cached_answers(model, tokenizer, prompts, cache, settings, digest, device, "dense references")
             key = read_json(cache / "manifest.json")["key"]
             if (read_json(_scores_file(out)) or {}).get("key") != key:
@@ -130,12 +139,15 @@ def dense_answers_stage(model_args, ft_args, chat_args, seed: int, out: Path, de
 
 
 @contextmanager
-def _timed(cache: Path):
-    """Add the wall time of generating into ``cache`` to its ``seconds.json`` (over resumes: what it cost in all)."""
+def _timed(cache: Path, prompts, tokenizer, settings: GenerationSettings, digest: str):
+    """Add the wall time of generating into ``cache`` to its ``seconds.json`` (over resumes: what it cost in all);
+    a cache that was complete already (a rerun, or a copy of another run's) costs nothing and records nothing."""
+    complete = cache_complete(cache, cache_key(prompts, digest, tokenizer, settings))
     start = time.perf_counter()
     yield
-    spent = (read_json(cache / SECONDS) or {}).get("seconds", 0.0) + time.perf_counter() - start
-    atomic_write_json(cache / SECONDS, {"seconds": round(spent, 1)})
+    if not complete:
+        spent = (read_json(cache / SECONDS) or {}).get("seconds", 0.0) + time.perf_counter() - start
+        atomic_write_json(cache / SECONDS, {"seconds": round(spent, 1)})
 
 
 def generation_seconds(out: Path) -> dict[str, float]:

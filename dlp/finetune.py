@@ -72,6 +72,7 @@ class TrainResult:
     resumed_from: str | None
     data_format: str = "text"
     train_rows: int = 0  # rows of the prepared dataset: windows, examples or packed rows
+    train_examples: int = 0  # windows, or rows of the data before trl prepared (and packed) them
 
 
 def last_checkpoint(directory: Path) -> str | None:
@@ -140,6 +141,7 @@ def train(
         resume,
         data.format,
         len(trainer.train_dataset),
+        len(dataset),
     )
 
 

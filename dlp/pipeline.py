@@ -614,7 +614,15 @@ def _final_report(
     )
 
 
-TRAINING_LOG_KEYS = ("global_steps", "tokens_seen", "train_seconds", "resumed_from", "data_format", "train_rows")
+TRAINING_LOG_KEYS = (
+    "global_steps",
+    "tokens_seen",
+    "train_seconds",
+    "resumed_from",
+    "data_format",
+    "train_rows",
+    "train_examples",
+)
 
 
 def _pipeline_timings(stage_report: StageReport, training_log: dict, merge_info: dict, evaluation: dict) -> dict:

@@ -247,11 +247,11 @@ def _finetune_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _data_kind(train: dict[str, Any]) -> str:
-    kind = train.get("data_format", "text")
-    rows = train.get("train_rows")
+    kind, rows, examples = train.get("data_format", "text"), train.get("train_rows"), train.get("train_examples")
     if kind == "text":
         return "text windows" + (f", {rows}" if rows else "")
-    return f"{kind} rows" + (f", {rows} after trl's preparation" if rows else "")
+    packed = f" in {rows} packed rows" if rows and examples and rows < examples else ""
+    return f"{examples or rows} {kind} rows{packed}"
 
 
 def _card_header(report: dict[str, Any], tags: str, title: str, intro: str) -> list[str]:
