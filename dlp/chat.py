@@ -56,6 +56,16 @@ def prompt_set(source: str, count: int, field: str) -> list[list[dict[str, Any]]
     return prompts
 
 
+def training_prompts(ft_args, chat_args) -> list[list[dict[str, Any]]]:
+    """The prompts the dense model answers for ``train_data: selfgen:<prompts>``."""
+    return prompt_set(selfgen_prompts_source(ft_args.train_data), chat_args.selfgen_prompts, "train_data")
+
+
+def heldout_prompts(chat_args) -> list[list[dict[str, Any]]]:
+    """The chat evaluation's held-out prompts."""
+    return prompt_set(chat_args.chat_eval_data, chat_args.chat_eval_prompts, "chat_eval_data")
+
+
 def chat_eval_on(chat_args, tokenizer) -> bool:
     """``chat_eval`` true, or auto with a tokenizer that has a chat template (a base model has none to answer in)."""
     return chat_args.chat_eval == "true" or (chat_args.chat_eval == "auto" and bool(tokenizer.chat_template))
@@ -90,13 +100,13 @@ def check_chat_settings(ft_args, chat_args, tokenizer, model: str) -> bool:
             f"train_data: {ft_args.train_data} asks the dense model for chat answers, but the tokenizer of {model} has "
             "no chat template",
         )
-        training = prompt_set(selfgen_prompts_source(ft_args.train_data), chat_args.selfgen_prompts, "train_data")
+        training = training_prompts(ft_args, chat_args)
     if evaluate:
         require(
             tokenizer.chat_template,
             f"chat_eval: the tokenizer of {model} has no chat template; set chat_eval false or auto",
         )
-        heldout = prompt_set(chat_args.chat_eval_data, chat_args.chat_eval_prompts, "chat_eval_data")
+        heldout = heldout_prompts(chat_args)
         seen = {repr(prompt) for prompt in training}
         shared = sum(repr(prompt) in seen for prompt in heldout)
         require(
@@ -118,14 +128,14 @@ def dense_answers_stage(model_args, ft_args, chat_args, seed: int, out: Path, de
         model, tokenizer = _dense_model(model_args)
         digest = model_digest(model)
         if rows:
-            prompts = prompt_set(selfgen_prompts_source(ft_args.train_data), chat_args.selfgen_prompts, "train_data")
+            prompts = training_prompts(ft_args, chat_args)
             settings = selfgen_settings(chat_args, seed)
             with _timed(out / SELFGEN_DIR, prompts, tokenizer, settings, digest):
                 cached_answers(
                     model, tokenizer, prompts, out / SELFGEN_DIR, settings, digest, device, "self-generating"
                 )
         if refs:
-            prompts = prompt_set(chat_args.chat_eval_data, chat_args.chat_eval_prompts, "chat_eval_data")
+            prompts = heldout_prompts(chat_args)
             cache = out / CHAT_EVAL_DIR
             settings = reference_settings(chat_args)
             with _timed(cache, prompts, tokenizer, settings, digest):
@@ -172,13 +182,14 @@ def _dense_model(model_args):
 def selfgen_rows(ft_args, chat_args, out: Path) -> TrainRows:
     """The self-generated training rows (the cache :func:`dense_answers_stage` filled), as conversational
     prompt-completion rows: trl trains on the answers only."""
-    prompts = prompt_set(selfgen_prompts_source(ft_args.train_data), chat_args.selfgen_prompts, "train_data")
+    prompts = training_prompts(ft_args, chat_args)
     rows = answer_rows(prompts, read_answers(out / SELFGEN_DIR, len(prompts)))
     return TrainRows(ft_args.train_data, "prompt-completion", True, rows)
 
 
 def reference_answers(chat_args, out: Path) -> tuple[list, list[str]]:
-    prompts = prompt_set(chat_args.chat_eval_data, chat_args.chat_eval_prompts, "chat_eval_data")
+    """The held-out prompts and the dense model's cached answers to them."""
+    prompts = heldout_prompts(chat_args)
     return prompts, read_answers(out / CHAT_EVAL_DIR, len(prompts))
 
 

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from .chat import (
-    chat_evaluation,
-    generation_seconds,
     chat_eval_on,
+    chat_evaluation,
     check_chat_settings,
     dense_answers_stage,
+    generation_seconds,
     selfgen_rows,
 )
 from .config import (
